@@ -136,8 +136,11 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     _ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        ("_codecs", "encode"),  # rebuilds the raw bytes of an array in protocol-2 pickles written by Python 3
     }
 
     def find_class(self, module: str, name: str):
@@ -150,6 +153,14 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
             from numpy._core.multiarray import _reconstruct
 
             return _reconstruct
+        if name == "_frombuffer":
+            from numpy._core.numeric import _frombuffer
+
+            return _frombuffer
+        if module == "_codecs":
+            import codecs
+
+            return codecs.encode
         return getattr(np, name)
 
 
