@@ -63,7 +63,7 @@ def show_images(images, n_rows: int, n_cols: int, ax=None, title: str | None = N
     images = np.asarray(images[: n_rows * n_cols], dtype=float)
     side = int(round(images.shape[-1] ** 0.5)) if images.ndim == 2 else images.shape[-1]
     images = images.reshape(-1, side, side)
-    grid = np.ones((n_rows * (side + 1) - 1, n_cols * (side + 1) - 1))
+    grid = np.full((n_rows * (side + 1) - 1, n_cols * (side + 1) - 1), 0.15)  # light grey separators
     for k, image in enumerate(images):
         r, c = divmod(k, n_cols)
         grid[r * (side + 1): r * (side + 1) + side, c * (side + 1): c * (side + 1) + side] = image
