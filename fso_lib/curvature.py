@@ -1,0 +1,415 @@
+"""Exact curvature matrices of small networks, and their matrix-free products (thesis chapter 3).
+
+For a network ``f(x, θ)`` and a loss ``l`` from :mod:`fso_lib.losses`, with ``J_i = ∂f(x_i, θ)/∂θ``:
+
+=========================  ===========================================================  ===========
+function                   matrix                                                       thesis
+=========================  ===========================================================  ===========
+:func:`hessian`            ``H = ∂²R/∂θ²``, ``R = (1/n) Σ_i l(f(x_i, θ), y_i)``          §3.1.4
+:func:`gauss_newton`       ``G = (1/n) Σ_i J_iᵀ (∂²l/∂f²)_i J_i``                         §3.1.4
+:func:`fisher`             ``F = (1/n) Σ_i J_iᵀ D(f(x_i)) J_i`` (true Fisher, ``y ~ p_θ``)   §3.2.3, B
+:func:`empirical_fisher`   ``(1/n) Σ_i g_i g_iᵀ``, ``g_i = ∂l(f(x_i), y_i)/∂θ``             §3.2.4
+:func:`residual`           ``H − G = (1/n) Σ_i Σ_j (∂l/∂f_j)_i ∇²_θ f_j(x_i)``               §3.1.4
+=========================  ===========================================================  ===========
+
+:func:`monte_carlo_fisher` estimates ``F`` by drawing targets from the model, the definition that the
+closed form of :func:`fisher` replaces. :func:`block_diagonal` keeps the per-layer blocks (§3.1.5, §3.2.4).
+:func:`hessian_vector_product`, :func:`gauss_newton_vector_product` and :func:`fisher_vector_product`
+never form a matrix, for networks too large for the dense versions.
+
+Supported models: an ``nn.Sequential`` (possibly nested) of ``nn.Linear`` layers and element-wise
+activations (plus a final ``nn.Softmax`` for :class:`~fso_lib.losses.CrossEntropy`). Anything else raises
+:class:`UnsupportedLayerError` naming the layer. Everything is computed with ``torch.func`` in the model's
+dtype: use float64 when comparing matrices.
+
+Parameter layout
+----------------
+Rows and columns follow ``model.named_parameters()`` (for ``mlp``: ``0.weight, 0.bias, 2.weight, ...``),
+each tensor flattened row-major. A weight ``W`` of shape ``(out, in)`` therefore appears as ``vec(Wᵀ)``
+in the column-stacking ``vec`` of the thesis (rows of ``W`` one after the other: entry ``W[o, i]`` sits at
+offset ``o · in + i``). :class:`ParameterLayout` says which rows belong to which tensor and layer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+from torch.func import functional_call, jacrev, jvp, vjp
+
+from .losses import Loss
+
+__all__ = [
+    "UnsupportedLayerError",
+    "UnsupportedLossError",
+    "SUPPORTED_ACTIVATIONS",
+    "ParameterBlock",
+    "ParameterLayout",
+    "parameter_layout",
+    "flat_parameters",
+    "set_flat_parameters",
+    "flat_gradient",
+    "output_jacobian",
+    "per_example_gradients",
+    "hessian",
+    "gauss_newton",
+    "fisher",
+    "monte_carlo_fisher",
+    "empirical_fisher",
+    "residual",
+    "CURVATURE_KINDS",
+    "curvature_matrix",
+    "block_diagonal",
+    "diagonal_blocks",
+    "hessian_vector_product",
+    "gauss_newton_vector_product",
+    "fisher_vector_product",
+]
+
+
+class UnsupportedLayerError(TypeError):
+    """A model contains a layer the exact curvature code does not handle."""
+
+
+class UnsupportedLossError(TypeError):
+    """A loss is not one of :mod:`fso_lib.losses` (it must know its output Hessian and Fisher)."""
+
+
+#: Element-wise activations (plus ``nn.Softmax``, applied per example) accepted between linear layers.
+SUPPORTED_ACTIVATIONS = (
+    nn.Identity, nn.Sigmoid, nn.Tanh, nn.ReLU, nn.LeakyReLU, nn.Softplus, nn.ELU, nn.GELU, nn.SiLU, nn.Softmax,
+)
+
+
+def _check_model(model: nn.Module) -> None:
+    if not isinstance(model, nn.Sequential):
+        raise UnsupportedLayerError(
+            f"Exact curvature needs an nn.Sequential of nn.Linear layers and element-wise activations; "
+            f"got a {type(model).__name__}."
+        )
+
+    def walk(module: nn.Sequential, prefix: str) -> None:
+        for name, child in module.named_children():
+            full = f"{prefix}{name}"
+            if isinstance(child, nn.Sequential):
+                walk(child, full + ".")
+            elif isinstance(child, SUPPORTED_ACTIVATIONS):
+                if isinstance(child, nn.Softmax) and child.dim not in (1, -1):
+                    raise UnsupportedLayerError(
+                        f"Layer '{full}' (Softmax(dim={child.dim})) mixes examples: use dim=-1 or dim=1."
+                    )
+            elif not isinstance(child, nn.Linear):
+                raise UnsupportedLayerError(
+                    f"Layer '{full}' ({type(child).__name__}) is not supported by the exact curvature code: "
+                    f"use nn.Linear layers and element-wise activations "
+                    f"({', '.join(c.__name__ for c in SUPPORTED_ACTIVATIONS)})."
+                )
+
+    walk(model, "")
+
+
+def _check_loss(loss) -> None:
+    if not isinstance(loss, Loss):
+        raise UnsupportedLossError(
+            f"{type(loss).__name__} is not a loss of fso_lib.losses: the curvature code needs its output "
+            f"Hessian and Fisher matrix. Use SquaredError, BinaryCrossEntropy, CrossEntropy, "
+            f"BinaryCrossEntropyWithLogits or CrossEntropyWithLogits."
+        )
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+@dataclass(frozen=True)
+class ParameterBlock:
+    """The rows of one layer (all its parameter tensors) in the flat parameter vector."""
+
+    layer_name: str
+    layer_type: str
+    parameter_names: tuple[str, ...]
+    start: int
+    stop: int
+
+    @property
+    def slice(self) -> slice:
+        return slice(self.start, self.stop)
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+class ParameterLayout:
+    """Where each parameter tensor and each layer lives in the flat vector ``θ`` (module docstring).
+
+    ``names``/``shapes`` follow ``model.named_parameters()``; ``slices[name]`` gives the rows of one tensor,
+    ``blocks`` one :class:`ParameterBlock` per layer (the blocks of the block-diagonal approximation).
+    """
+
+    def __init__(self, named_shapes: Iterable[tuple[str, torch.Size]], layer_types: Mapping[str, str] | None = None):
+        self.names: tuple[str, ...] = ()
+        self.shapes: tuple[torch.Size, ...] = ()
+        self.slices: dict[str, slice] = {}
+        offset = 0
+        names, shapes = [], []
+        for name, shape in named_shapes:
+            size = int(torch.Size(shape).numel())
+            names.append(name)
+            shapes.append(torch.Size(shape))
+            self.slices[name] = slice(offset, offset + size)
+            offset += size
+        self.names, self.shapes, self.size = tuple(names), tuple(shapes), offset
+        layer_types = dict(layer_types or {})
+        blocks: list[ParameterBlock] = []
+        for name in self.names:
+            layer = name.rsplit(".", 1)[0] if "." in name else ""
+            sl = self.slices[name]
+            if blocks and blocks[-1].layer_name == layer and blocks[-1].stop == sl.start:
+                last = blocks[-1]
+                blocks[-1] = ParameterBlock(layer, last.layer_type, last.parameter_names + (name,), last.start, sl.stop)
+            else:
+                blocks.append(ParameterBlock(layer, layer_types.get(layer, ""), (name,), sl.start, sl.stop))
+        self.blocks: tuple[ParameterBlock, ...] = tuple(blocks)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def block_slices(self, by: str = "layer") -> list[slice]:
+        """Row ranges of the diagonal blocks: one per layer (``by='layer'``) or per tensor (``'parameter'``)."""
+        if by == "layer":
+            return [b.slice for b in self.blocks]
+        if by == "parameter":
+            return [self.slices[n] for n in self.names]
+        raise ValueError(f"by must be 'layer' or 'parameter', got {by!r}.")
+
+    def flatten(self, tensors: Mapping[str, torch.Tensor] | Iterable[torch.Tensor]) -> torch.Tensor:
+        """One vector from a ``{name: tensor}`` mapping (or a sequence in layout order), row-major."""
+        if isinstance(tensors, Mapping):
+            tensors = [tensors[name] for name in self.names]
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    def unflatten(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{name: view}`` of a flat vector (views share memory with ``vector``)."""
+        if vector.shape[-1] != self.size:
+            raise ValueError(f"Expected a vector of {self.size} entries, got shape {tuple(vector.shape)}.")
+        return {name: vector[self.slices[name]].view(shape) for name, shape in zip(self.names, self.shapes)}
+
+    def describe(self) -> str:
+        """A small table: tensor, shape, rows, layer."""
+        lines = [f"{'tensor':<16}{'shape':<14}{'rows':<14}layer"]
+        for name, shape in zip(self.names, self.shapes):
+            sl = self.slices[name]
+            layer = name.rsplit(".", 1)[0] if "." in name else ""
+            lines.append(f"{name:<16}{str(tuple(shape)):<14}{f'{sl.start}:{sl.stop}':<14}{layer}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"ParameterLayout({len(self.names)} tensors, {len(self.blocks)} layers, {self.size} parameters)"
+
+
+def parameter_layout(model: nn.Module) -> ParameterLayout:
+    """The :class:`ParameterLayout` of ``model`` (torch parameter order, row-major tensors)."""
+    types = {name: type(module).__name__ for name, module in model.named_modules()}
+    return ParameterLayout(((n, p.shape) for n, p in model.named_parameters()), types)
+
+
+def flat_parameters(model: nn.Module) -> torch.Tensor:
+    """``θ`` as one detached vector in the :func:`parameter_layout` order."""
+    return parameter_layout(model).flatten(dict(model.named_parameters())).detach().clone()
+
+
+@torch.no_grad()
+def set_flat_parameters(model: nn.Module, vector: torch.Tensor) -> None:
+    """Write a flat vector back into the parameters of ``model``."""
+    params = dict(model.named_parameters())
+    for name, value in parameter_layout(model).unflatten(vector).items():
+        params[name].copy_(value)
+
+
+# ----------------------------------------------------------------------------- functional core
+
+
+def _functional(model: nn.Module) -> tuple[ParameterLayout, torch.Tensor, Callable]:
+    _check_model(model)
+    layout = parameter_layout(model)
+    theta = flat_parameters(model)
+
+    def forward(flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        out = functional_call(model, layout.unflatten(flat), (x,))
+        return out.unsqueeze(1) if out.dim() == 1 else out
+
+    return layout, theta, forward
+
+
+def _risk(model, loss, x, y):
+    _check_loss(loss)
+    layout, theta, forward = _functional(model)
+    return theta, (lambda flat: loss.value(forward(flat, x), y))
+
+
+def flat_gradient(model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``∇_θ R`` as a flat vector (the gradient of the empirical risk)."""
+    theta, risk = _risk(model, loss, x, y)
+    return torch.func.grad(risk)(theta)
+
+
+def output_jacobian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``J``: the Jacobian of every output of every example w.r.t. ``θ``, shape ``(n, k, P)``."""
+    _, theta, forward = _functional(model)
+    return jacrev(lambda flat: forward(flat, x))(theta)
+
+
+def _outputs_and_jacobian(model, x):
+    _, theta, forward = _functional(model)
+    with torch.no_grad():
+        outputs = forward(theta, x)
+    return outputs, jacrev(lambda flat: forward(flat, x))(theta)
+
+
+def per_example_gradients(model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``g_i = J_iᵀ (∂l/∂f)_i``: the gradient of each example's loss, shape ``(n, P)``."""
+    _check_loss(loss)
+    outputs, jac = _outputs_and_jacobian(model, x)
+    return torch.einsum("nk,nkp->np", loss.output_gradient(outputs, y), jac)
+
+
+def _sandwich(jac: torch.Tensor, middle: torch.Tensor) -> torch.Tensor:
+    """``(1/n) Σ_i J_iᵀ M_i J_i``."""
+    return torch.einsum("nkp,nkl,nlq->pq", jac, middle, jac) / jac.shape[0]
+
+
+# ----------------------------------------------------------------------------- dense matrices
+
+
+def hessian(model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The full Hessian ``∂²R/∂θ²`` of the empirical risk, ``(P, P)`` (thesis §3.1.4)."""
+    theta, risk = _risk(model, loss, x, y)
+    return torch.func.hessian(risk)(theta)
+
+
+def gauss_newton(model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The Gauss-Newton matrix ``(1/n) Σ_i J_iᵀ (∂²l/∂f²)_i J_i`` (thesis §3.1.4, Table 3.I).
+
+    It depends on where the network ends and the loss begins: with a probability loss after a
+    sigmoid/softmax layer ``J`` is the Jacobian of the probabilities, with a logits loss that of the logits.
+    """
+    _check_loss(loss)
+    outputs, jac = _outputs_and_jacobian(model, x)
+    return _sandwich(jac, loss.output_hessian(outputs, y))
+
+
+def fisher(model: nn.Module, loss: Loss, x: torch.Tensor) -> torch.Tensor:
+    """The Fisher information ``(1/n) Σ_i J_iᵀ D(f(x_i)) J_i`` of ``p_θ(y|x)``, ``y`` drawn from the model.
+
+    The expectation over ``y ~ p_θ(y|x_i)`` is taken in closed form (thesis §3.2.3, Table 3.II, appendix B);
+    the one over ``x`` is the average over the rows of ``x``. No target is needed.
+    """
+    _check_loss(loss)
+    outputs, jac = _outputs_and_jacobian(model, x)
+    return _sandwich(jac, loss.fisher_output_matrix(outputs))
+
+
+def monte_carlo_fisher(
+    model: nn.Module, loss: Loss, x: torch.Tensor, n_samples: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """``(1/(n S)) Σ_i Σ_s g_is g_isᵀ`` with targets ``y_is ~ p_θ(y|x_i)``: the definition of the Fisher (§3.2.1)."""
+    _check_loss(loss)
+    outputs, jac = _outputs_and_jacobian(model, x)
+    total = torch.zeros(jac.shape[2], jac.shape[2], dtype=jac.dtype, device=jac.device)
+    for _ in range(int(n_samples)):
+        sampled = loss.sample_target(outputs, generator)
+        grads = torch.einsum("nk,nkp->np", loss.output_gradient(outputs, sampled), jac)
+        total += grads.T @ grads
+    return total / (jac.shape[0] * int(n_samples))
+
+
+def empirical_fisher(model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The empirical Fisher ``(1/n) Σ_i g_i g_iᵀ`` with the *dataset's* targets (thesis §3.2.4, §3.3.3)."""
+    grads = per_example_gradients(model, loss, x, y)
+    return grads.T @ grads / grads.shape[0]
+
+
+def residual(model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``H − G``: the term of the Hessian that Gauss-Newton drops, ``(1/n) Σ_i Σ_j (∂l/∂f_j)_i ∇²f_j(x_i)``."""
+    return hessian(model, loss, x, y) - gauss_newton(model, loss, x, y)
+
+
+#: Names accepted by :func:`curvature_matrix`.
+CURVATURE_KINDS = ("hessian", "gauss_newton", "fisher", "empirical_fisher", "residual")
+
+
+def curvature_matrix(
+    model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Tensor | None = None,
+    kind: str = "hessian", structure: str = "full",
+) -> torch.Tensor:
+    """One switch for every dense curvature matrix: ``kind`` in :data:`CURVATURE_KINDS`,
+    ``structure`` ``'full'`` or ``'block_diagonal'`` (per layer, thesis §3.1.5)."""
+    if kind == "fisher":
+        matrix = fisher(model, loss, x)
+    elif kind in CURVATURE_KINDS:
+        if y is None:
+            raise ValueError(f"kind={kind!r} needs targets y.")
+        matrix = {"hessian": hessian, "gauss_newton": gauss_newton, "empirical_fisher": empirical_fisher,
+                  "residual": residual}[kind](model, loss, x, y)
+    else:
+        raise ValueError(f"Unknown kind {kind!r}; choose one of {CURVATURE_KINDS}.")
+    if structure == "full":
+        return matrix
+    if structure == "block_diagonal":
+        return block_diagonal(matrix, parameter_layout(model))
+    raise ValueError(f"structure must be 'full' or 'block_diagonal', got {structure!r}.")
+
+
+# ----------------------------------------------------------------------------- block diagonal
+
+
+def diagonal_blocks(matrix: torch.Tensor, layout: ParameterLayout, by: str = "layer") -> list[torch.Tensor]:
+    """The square diagonal blocks of ``matrix``, one per layer (or per tensor with ``by='parameter'``)."""
+    if matrix.shape != (layout.size, layout.size):
+        raise ValueError(f"Expected a ({layout.size}, {layout.size}) matrix, got {tuple(matrix.shape)}.")
+    return [matrix[sl, sl] for sl in layout.block_slices(by)]
+
+
+def block_diagonal(matrix: torch.Tensor, layout: ParameterLayout, by: str = "layer") -> torch.Tensor:
+    """``matrix`` with every entry outside the per-layer diagonal blocks set to zero (thesis §3.1.5, §3.2.4)."""
+    out = torch.zeros_like(matrix)
+    for sl, block in zip(layout.block_slices(by), diagonal_blocks(matrix, layout, by)):
+        out[sl, sl] = block
+    return out
+
+
+# ----------------------------------------------------------------------------- matrix-free products
+
+
+def _as_flat(vector, layout: ParameterLayout, like: torch.Tensor) -> torch.Tensor:
+    if isinstance(vector, Mapping):
+        vector = layout.flatten(vector)
+    return vector.to(dtype=like.dtype, device=like.device)
+
+
+def hessian_vector_product(model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Tensor, vector) -> torch.Tensor:
+    """``H v`` without forming ``H`` (forward-over-reverse differentiation; Pearlmutter's trick)."""
+    theta, risk = _risk(model, loss, x, y)
+    vector = _as_flat(vector, parameter_layout(model), theta)
+    return jvp(torch.func.grad(risk), (theta,), (vector,))[1]
+
+
+def _sandwich_product(model, x, vector, middle_product):
+    layout, theta, forward = _functional(model)
+    vector = _as_flat(vector, layout, theta)
+    outputs, jv = jvp(lambda flat: forward(flat, x), (theta,), (vector,))
+    _, pullback = vjp(lambda flat: forward(flat, x), theta)
+    return pullback(middle_product(outputs.detach(), jv) / outputs.shape[0])[0]
+
+
+def gauss_newton_vector_product(model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Tensor, vector) -> torch.Tensor:
+    """``G v = (1/n) Σ_i J_iᵀ (∂²l/∂f²)_i (J_i v)`` without forming ``G`` (Schraudolph 2002)."""
+    _check_loss(loss)
+    return _sandwich_product(model, x, vector, lambda f, jv: loss.output_hessian_product(f, y, jv))
+
+
+def fisher_vector_product(model: nn.Module, loss: Loss, x: torch.Tensor, vector) -> torch.Tensor:
+    """``F v = (1/n) Σ_i J_iᵀ D_i (J_i v)`` without forming ``F``."""
+    _check_loss(loss)
+    return _sandwich_product(model, x, vector, lambda f, jv: loss.fisher_output_product(f, jv))
