@@ -1,0 +1,169 @@
+"""The methods raced in the benchmark (thesis §6.6), behind one registry.
+
+A :class:`Method` knows its default hyperparameters, the domain a hyperparameter search explores for it,
+and how to build an optimizer for a model. SGD, SGD with momentum and Adam come from ``torch.optim``; the
+chapter-6 methods (centering, batch norm, ACP, K-FAC, natural neural networks) come from ``fso_lib.optim``
+through its factory ``make_optimizer(name, model, **hyperparameters)``; this module never re-implements them.
+
+Every method may also tune the initialization scale (``init_scale``), as the thesis does (§2.3, §4.1).
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..search import Domain, Param
+
+INIT_SCALE = Param("init_scale", 0.25, 4.0, log=True)
+
+
+class MethodUnavailable(RuntimeError):
+    """The method is registered but its implementation cannot be built here."""
+
+
+@dataclass
+class Built:
+    """What a run trains: the model (possibly re-parametrized by the method) and its optimizer."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+
+
+@dataclass
+class Method:
+    name: str
+    label: str
+    defaults: dict
+    domain: Domain
+    build: Callable[[nn.Module, dict], Built]
+    source: str = "torch.optim"
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def hyperparameters(self, overrides: dict | None = None) -> dict:
+        """The defaults updated by ``overrides``; unknown names are refused (a typo should not be silent)."""
+        overrides = dict(overrides or {})
+        unknown = set(overrides) - set(self.defaults)
+        if unknown and self.defaults:  # a method that publishes no defaults takes any name
+            raise ValueError(f"{self.name}: unknown hyperparameters {sorted(unknown)}; known: {sorted(self.defaults)}.")
+        return {**self.defaults, **overrides}
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"Unknown method {name!r}; registered: {sorted(METHODS)}.") from None
+
+
+def _torch(factory):
+    def build(model: nn.Module, hp: dict) -> Built:
+        return Built(model, factory(model.parameters(), hp))
+    return build
+
+
+register_method(Method(
+    "sgd", "SGD", {"lr": 0.01},
+    Domain([Param("lr", 1e-4, 1.0, log=True), INIT_SCALE]),
+    _torch(lambda params, hp: torch.optim.SGD(params, lr=hp["lr"])),
+))
+register_method(Method(
+    "sgd_momentum", "SGD + momentum", {"lr": 0.003, "momentum": 0.9},
+    Domain([Param("lr", 1e-5, 0.3, log=True), Param("momentum", 0.5, 0.99), INIT_SCALE]),
+    _torch(lambda params, hp: torch.optim.SGD(params, lr=hp["lr"], momentum=hp["momentum"])),
+))
+register_method(Method(
+    "adam", "Adam", {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8},
+    Domain([Param("lr", 1e-5, 1e-1, log=True), INIT_SCALE]),
+    _torch(lambda params, hp: torch.optim.Adam(params, lr=hp["lr"], betas=(hp["beta1"], hp["beta2"]), eps=hp["eps"])),
+))
+
+#: The chapter-6 methods, built by ``fso_lib.optim.make_optimizer`` (written in another part of the book).
+CHAPTER6_METHODS = {
+    "centered_gd": "centered gradient descent",
+    "mean_only_batchnorm": "mean-only batch norm",
+    "batchnorm": "batch norm",
+    "acp": "ACP",
+    "acp_fixed_alpha": "ACP, fixed α",
+    "kfac": "K-FAC",
+    "natural_nn": "natural neural network",
+}
+
+
+def _fso_optim():
+    try:
+        module = importlib.import_module("fso_lib.optim")
+    except ImportError as error:
+        raise MethodUnavailable(f"fso_lib.optim cannot be imported ({error}).") from error
+    if not hasattr(module, "make_optimizer"):
+        raise MethodUnavailable("fso_lib.optim has no make_optimizer(name, model, **hyperparameters) yet.")
+    return module
+
+
+def _chapter6_build(name: str):
+    def build(model: nn.Module, hp: dict) -> Built:
+        made = _fso_optim().make_optimizer(name, model, **hp)
+        if isinstance(made, tuple):  # a method that re-parametrizes the model returns (model, optimizer)
+            return Built(*made)
+        return Built(model, made)
+    return build
+
+
+def _chapter6_defaults(name: str) -> tuple[dict, Domain | None]:
+    """Defaults and search domain published by ``fso_lib.optim`` for ``name``, when it publishes them."""
+    try:
+        module = _fso_optim()
+    except MethodUnavailable:
+        return {}, None
+    defaults = {}
+    for attribute in ("default_hyperparameters", "DEFAULT_HYPERPARAMETERS"):
+        source = getattr(module, attribute, None)
+        if callable(source):
+            try:
+                defaults = dict(source(name))
+            except Exception:  # noqa: BLE001 - fall back to no defaults
+                defaults = {}
+            break
+        if isinstance(source, dict):
+            defaults = dict(source.get(name, {}))
+            break
+    return defaults, None
+
+
+def register_chapter6_methods() -> None:
+    """(Re-)register the chapter-6 methods, picking up the defaults ``fso_lib.optim`` publishes."""
+    for name, label in CHAPTER6_METHODS.items():
+        defaults, domain = _chapter6_defaults(name)
+        if domain is None:
+            params = [Param("lr", 1e-5, 1.0, log=True)]
+            if "damping" in defaults:
+                params.append(Param("damping", 1e-3, 10.0, log=True))
+            domain = Domain([*params, INIT_SCALE])
+        register_method(Method(name, label, defaults, domain, _chapter6_build(name), source="fso_lib.optim"))
+
+
+register_chapter6_methods()
+
+
+def method_available(name: str) -> tuple[bool, str]:
+    """Whether ``name`` can be built here, and why not."""
+    method = get_method(name)
+    if method.source != "fso_lib.optim":
+        return True, ""
+    try:
+        _fso_optim()
+    except MethodUnavailable as error:
+        return False, str(error)
+    return True, ""

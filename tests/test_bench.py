@@ -1,0 +1,129 @@
+"""The benchmark harness: records, budgets, divergence, resume after a real kill (thesis §4.2, §6.6)."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fso_lib.bench import RunConfig, get_method, make_task, read_records, run, run_paths
+from fso_lib.bench.__main__ import main as cli_main
+from fso_lib.bench.tasks import CIFAR10Unavailable, load_cifar10, squared_error
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def small(method="sgd", **kwargs):
+    defaults = dict(task="small_autoencoder", method=method, sample=True, batch_size=100, eval_every=10,
+                    eval_schedule="linear", train_eval_size=300, progress=False)
+    defaults.update(kwargs)
+    return RunConfig(**defaults)
+
+
+def test_squared_error_is_summed_over_pixels_and_averaged_over_examples():
+    out, target = torch.zeros(2, 3), torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 2.0]])
+    assert squared_error(out, target).item() == pytest.approx((2 + 4) / 2)
+
+
+def test_records_header_evals_and_end(tmp_path):
+    result = run(small("adam", hyperparameters={"lr": 1e-3}, max_updates=30), tmp_path)
+    records = read_records(result.results_path)
+    header, evals, end = records[0], [r for r in records if r["type"] == "eval"], records[-1]
+    assert header["type"] == "header" and header["config"]["method"] == "adam"
+    assert {"torch", "python", "fso_lib"} <= set(header["versions"]) and header["machine"]["cpu"]
+    assert header["device"] == "cpu" and "mnist" in header["dataset"] and header["hyperparameters"]["lr"] == 1e-3
+    assert [r["update"] for r in evals] == [0, 10, 20, 30]
+    assert all(b["time_s"] >= a["time_s"] for a, b in zip(evals, evals[1:]))
+    assert evals[-1]["train_loss"] < evals[0]["train_loss"]
+    assert end == {**end, "type": "end", "status": "completed", "update": 30}
+    assert run_paths(tmp_path, result.name)[1].exists()  # the checkpoint
+
+
+def test_time_budget_stops_the_run(tmp_path):
+    result = run(small(max_seconds=0.3, eval_every=1000), tmp_path)
+    assert result.status == "completed" and 0.3 <= result.seconds < 3.0 and result.updates > 0
+
+
+def test_divergence_is_recorded_not_raised(tmp_path):
+    # a ReLU classifier's cross-entropy explodes with a huge step (the autoencoder's squared error is bounded)
+    config = small("sgd", task="classification", hyperparameters={"lr": 50.0}, max_updates=200)
+    result = run(config, tmp_path)
+    assert result.status == "diverged" and result.updates < 200
+    assert read_records(result.results_path)[-1]["status"] == "diverged"
+
+
+def test_unknown_hyperparameter_is_refused():
+    with pytest.raises(ValueError, match="unknown hyperparameters"):
+        get_method("sgd").hyperparameters({"learning_rate": 0.1})
+
+
+def test_classification_records_the_dataset_that_ran(tmp_path):
+    task = make_task("classification", sample=True)
+    assert task.dataset.startswith("mnist") and task.classification
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in task.build_model(seed=0).modules())
+    assert n_linear == 9  # 8 hidden layers of 100 units + the output layer
+    result = run(small("sgd", task="classification", hyperparameters={"lr": 0.05}, max_updates=20), tmp_path, task=task)
+    evals = [r for r in read_records(result.results_path) if r["type"] == "eval"]
+    assert 0.0 <= evals[-1]["test_error"] <= 1.0 and read_records(result.results_path)[0]["dataset"] == task.dataset
+
+
+def test_cifar10_checksum_is_enforced(tmp_path):
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"not the archive")
+    with pytest.raises(CIFAR10Unavailable, match="SHA-256"):
+        load_cifar10(folder=tmp_path, download=False)
+
+
+def _cli(out, name, updates, *extra):
+    return [sys.executable, "-m", "fso_lib.bench", "--task", "small_autoencoder", "--sample", "--method",
+            "sgd_momentum", "--hp", "lr=0.01", "--batch-size", "100", "--eval-every", "20", "--eval-schedule",
+            "linear", "--train-eval-size", "300", "--threads", "1", "--quiet", "--out", str(out), "--name", name,
+            "--updates", str(updates), *extra]
+
+
+def _evals(path):
+    return [(r["update"], r["train_loss"], r["test_loss"]) for r in read_records(path) if r["type"] == "eval"]
+
+
+def test_resume_after_sigkill_continues_like_an_uninterrupted_run(tmp_path):
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    results, checkpoint = run_paths(tmp_path, "killed")
+    process = subprocess.Popen(_cli(tmp_path, "killed", 10**6), cwd=REPO, env=env)
+    deadline = time.time() + 60
+    while time.time() < deadline and process.poll() is None:
+        if results.exists() and len(_evals(results)) >= 3 and checkpoint.exists():
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    killed_at = torch.load(checkpoint, weights_only=False)["update"]
+    assert killed_at >= 20 and read_records(results)[-1]["type"] != "end"  # it really died mid-run
+    target = (killed_at // 20 + 3) * 20
+    subprocess.run(_cli(tmp_path, "killed", target, "--resume"), cwd=REPO, env=env, check=True)
+    subprocess.run(_cli(tmp_path, "reference", target), cwd=REPO, env=env, check=True)
+    resumed, reference = _evals(results), _evals(run_paths(tmp_path, "reference")[0])
+    assert [u for u, *_ in resumed] == list(range(0, target + 1, 20))
+    assert resumed == reference  # identical losses: same data order, optimizer state and RNG after the resume
+    kinds = [r["type"] for r in read_records(results)]
+    assert kinds.count("header") == 1 and kinds.count("resume") == 1 and kinds[-1] == "end"
+
+
+def test_resume_refuses_a_changed_configuration(tmp_path):
+    run(small(max_updates=10, name="x"), tmp_path)
+    with pytest.raises(ValueError, match="configuration changed"):
+        run(small(max_updates=20, name="x", hyperparameters={"lr": 0.5}), tmp_path, resume=True)
+
+
+def test_cli_reads_tuned_hyperparameters(tmp_path, capsys):
+    tuned = tmp_path / "tuned.json"
+    tuned.write_text(json.dumps({"small_autoencoder": {"sgd": {"lr": 0.02, "init_scale": 0.5}}}))
+    assert cli_main(["--task", "small_autoencoder", "--sample", "--method", "sgd", "--hp-json", str(tuned),
+                     "--updates", "5", "--quiet", "--out", str(tmp_path), "--train-eval-size", "100"]) == 0
+    header = read_records(tmp_path / "small_autoencoder-sgd-seed0.jsonl")[0]
+    assert header["hyperparameters"] == {"lr": 0.02} and header["init_scale"] == 0.5
+    assert "completed" in capsys.readouterr().out
