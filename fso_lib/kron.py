@@ -1,0 +1,169 @@
+"""Kronecker products and the factored curvature block of one layer (thesis §6.3).
+
+Conventions
+-----------
+The thesis stacks the *columns* of a matrix: ``vec(X) = [X[:, 0]; X[:, 1]; ...]``, and with it
+
+* ``vec(A X B) = (Bᵀ ⊗ A) vec(X)``,
+* ``(A ⊗ B)(C ⊗ D) = AC ⊗ BD`` and ``(A ⊗ B)⁻¹ = A⁻¹ ⊗ B⁻¹``,
+* for ``a = W h + b``: ``a = (hᵀ ⊗ I) vec(W) + b``, so with ``θ = vec([W b])`` the Jacobian of the
+  network output is ``J_θ = [hᵀ 1] ⊗ J_a`` (eq. 6.3.1) and the layer's GN/Fisher block is
+  ``(1/n) Σ_i [h_i; 1][h_i; 1]ᵀ ⊗ J_{a_i}ᵀ D_i J_{a_i}`` (eq. 6.3.2), *input factor on the left*.
+
+**Torch stores ``W`` (n_out × n_in) row-major**: ``W.flatten()`` is ``vec(Wᵀ)`` in the thesis's
+convention. In the "augmented row-major" order ``[W b].flatten()`` the same block reads
+``Σ_i B_i ⊗ A_i``: the factor order flips (gradient factor on the left). And torch's own parameter
+layout, ``[W.flatten(); b]``, is a third order, a permutation of both; :func:`thesis_to_torch_permutation`
+converts between the thesis order and it.
+
+Every function here works in the thesis order unless its name says otherwise.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .layer_stats import LayerCapture, augmented_second_moment
+
+__all__ = [
+    "vec",
+    "unvec",
+    "kron",
+    "augment",
+    "thesis_to_torch_permutation",
+    "block_to_torch_order",
+    "block_to_thesis_order",
+    "per_example_parameter_jacobians",
+    "preactivation_jacobians",
+    "backward_factors",
+    "factored_block",
+    "APPROXIMATIONS",
+    "relative_error",
+]
+
+
+def vec(x: torch.Tensor) -> torch.Tensor:
+    """Column-stacking ``vec`` of the thesis (Fortran order)."""
+    return x.transpose(-1, -2).reshape(*x.shape[:-2], -1)
+
+
+def unvec(v: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Inverse of :func:`vec`: a (rows × cols) matrix whose columns are consecutive slices of ``v``."""
+    return v.reshape(cols, rows).T
+
+
+def kron(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``A ⊗ B``: the block matrix whose block (i, j) is ``a_ij B``."""
+    return torch.kron(a, b)
+
+
+def augment(h: torch.Tensor) -> torch.Tensor:
+    """``[h, 1]``: append a column of ones to the (n, n_in) inputs, for the bias."""
+    return torch.cat([h, torch.ones_like(h[..., :1])], dim=-1)
+
+
+def thesis_to_torch_permutation(n_in: int, n_out: int) -> torch.Tensor:
+    """Index ``p`` with ``θ_thesis = θ_torch[p]``.
+
+    ``θ_thesis = vec([W b])`` (column-stacked, bias column last) and ``θ_torch = [W.flatten(); b]``
+    (the order of ``torch.nn.utils.parameters_to_vector`` for one ``nn.Linear``).
+    """
+    rows = torch.arange(n_out).repeat(n_in + 1)  # thesis index c·n_out + r  →  (r, c)
+    cols = torch.arange(n_in + 1).repeat_interleave(n_out)
+    return torch.where(cols < n_in, rows * n_in + cols, n_out * n_in + rows)
+
+
+def block_to_torch_order(block: torch.Tensor, n_in: int, n_out: int) -> torch.Tensor:
+    """Reorder a (thesis-order) layer block to torch's ``[W.flatten(); b]`` order."""
+    inverse = torch.argsort(thesis_to_torch_permutation(n_in, n_out))
+    return block[inverse][:, inverse]
+
+
+def block_to_thesis_order(block: torch.Tensor, n_in: int, n_out: int) -> torch.Tensor:
+    """Reorder a layer block from torch's ``[W.flatten(); b]`` order to the thesis's ``vec([W b])``."""
+    p = thesis_to_torch_permutation(n_in, n_out)
+    return block[p][:, p]
+
+
+def per_example_parameter_jacobians(h: torch.Tensor, jac_a: torch.Tensor) -> torch.Tensor:
+    """``J_θ(x_i) = [h_iᵀ 1] ⊗ J_{a_i}`` for every example (eq. 6.3.1), thesis order.
+
+    ``h``: (n, n_in) inputs of the layer; ``jac_a``: (n, d, n_out) Jacobians of the d network outputs
+    w.r.t. the layer's pre-activations. Returns (n, d, (n_in+1)·n_out).
+    """
+    ha = augment(h)
+    # (hᵀ ⊗ J)[k, c·n_out + r] = h_c J[k, r]
+    return torch.einsum("nc,nkr->nkcr", ha, jac_a).reshape(h.shape[0], jac_a.shape[1], -1)
+
+
+def preactivation_jacobians(model: nn.Module, x: torch.Tensor):
+    """Inputs ``h`` and Jacobians ``J_a`` of the network output w.r.t. each layer's pre-activation.
+
+    Returns ``(output, inputs, jacobians)``: ``inputs[l]`` is (n, n_in_l) and ``jacobians[l]`` is
+    (n, d, n_out_l), with d the number of network outputs. One backward pass per output unit:
+    meant for the small networks of the notebooks and tests.
+    """
+    with LayerCapture(model) as capture:
+        output = model(x)
+        d = output.shape[1]
+        rows = [[] for _ in capture.layers]
+        for k in range(d):
+            capture.grads = [None] * len(capture.layers)
+            output[:, k].sum().backward(retain_graph=k < d - 1)
+            for l, g in enumerate(capture.grads):
+                rows[l].append(g)
+        inputs = list(capture.inputs)
+    # examples are independent, so ∂(Σ_i f_k(x_i))/∂a_i = ∂f_k(x_i)/∂a_i
+    jacobians = [torch.stack(r, dim=1) for r in rows]
+    model.zero_grad(set_to_none=True)
+    return output.detach(), inputs, jacobians
+
+
+def backward_factors(jac_a: torch.Tensor, output_hessians: torch.Tensor | None = None) -> torch.Tensor:
+    """``B_i = J_{a_i}ᵀ D_i J_{a_i}`` for every example: (n, n_out, n_out).
+
+    ``output_hessians`` is (n, d, d) (the loss's Hessian w.r.t. the network output, or the Fisher's
+    D matrix); ``None`` means ``D_i = I``.
+    """
+    if output_hessians is None:
+        return torch.einsum("nkr,nks->nrs", jac_a, jac_a)
+    return torch.einsum("nkr,nkl,nls->nrs", jac_a, output_hessians, jac_a)
+
+
+#: The approximations of a layer's block that chapter 6 compares; the argument ``kind`` of :func:`factored_block`.
+APPROXIMATIONS = {
+    "sum_of_kronecker": "(1/n) Σ_i A_i ⊗ B_i, eq. 6.3.2 (exact for the block)",
+    "kfac": "(1/n Σ_i A_i) ⊗ (1/n Σ_i B_i), K-FAC's product of sums (§6.5.1)",
+    "acp": "(1/n Σ_i A_i) ⊗ α I, the covariance-only factor of ACP (§6.3.2)",
+}
+
+
+def factored_block(h: torch.Tensor, b_factors: torch.Tensor, kind: str = "sum_of_kronecker", alpha: float | None = None) -> torch.Tensor:
+    """A layer's GN/Fisher block or one of its factored approximations, in thesis order.
+
+    ``h`` (n, n_in) are the layer inputs, ``b_factors`` (n, n_out, n_out) the backward factors
+    ``B_i`` of :func:`backward_factors`, and ``A_i = [h_i; 1][h_i; 1]ᵀ``. ``kind`` is one of
+    :data:`APPROXIMATIONS`. For ``"acp"``, ``alpha`` defaults to the mean of ``tr(B_i) / n_out``
+    (the α that matches the block's trace).
+    """
+    n = h.shape[0]
+    if kind == "sum_of_kronecker":
+        ha = augment(h)
+        # Σ_i (a_i a_iᵀ) ⊗ B_i  with entries [c·o + r, c'·o + r'] = a_c a_c' B[r, r']
+        block = torch.einsum("nc,nd,nrs->crds", ha, ha, b_factors) / n
+        size = ha.shape[1] * b_factors.shape[1]
+        return block.reshape(size, size)
+    a_factor = augmented_second_moment(h)
+    if kind == "kfac":
+        return kron(a_factor, b_factors.mean(dim=0))
+    if kind == "acp":
+        if alpha is None:
+            alpha = float(torch.diagonal(b_factors, dim1=1, dim2=2).mean())
+        eye = torch.eye(b_factors.shape[1], dtype=h.dtype, device=h.device)
+        return kron(a_factor, alpha * eye)
+    raise ValueError(f"Unknown approximation {kind!r}; choose one of {sorted(APPROXIMATIONS)}.")
+
+
+def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    """``‖approx − exact‖_F / ‖exact‖_F``."""
+    return float(torch.linalg.matrix_norm(approx - exact) / torch.linalg.matrix_norm(exact))

@@ -1,0 +1,132 @@
+"""The optimizers of chapter 6 and their baselines, behind one registry (thesis §6.4–6.6).
+
+How a harness runs any of them (``x_stats`` is a separate minibatch of inputs, as in Algorithm 3)::
+
+    from fso_lib.optim import OPTIMIZERS, prepare_model, make_optimizer, needs_statistics
+    model = prepare_model(name, model)          # batch-norm variants: a copy with BN; NNN: whitened in place
+    opt = make_optimizer(name, model, lr=...)   # hyperparameters: OPTIMIZERS[name].hyperparameters
+    for x, y in batches:
+        if needs_statistics(opt):               # False for SGD/Adam/centered GD/BN; every N updates otherwise
+            opt.update_statistics(x_stats)      # forward pass (K-FAC: + backward with sampled targets)
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)             # any scalar loss averaged over the minibatch
+        loss.backward()
+        opt.step()                              # raises DivergenceError on a non-finite update
+
+K-FAC samples targets from the model's output distribution: pass ``loss="squared_error"`` (the default,
+``mean_i ‖f_i − y_i‖²``), ``"bernoulli"`` or ``"softmax_cross_entropy"`` matching the training loss.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..normalization import MeanOnlyBatchNorm1d, with_batch_norm
+from .acp import ACP, BIAS_UPDATES
+from .base import DivergenceError, LayerwiseOptimizer, damped_inverse, needs_statistics
+from .centered import CenteredSGD
+from .kfac import KFAC, SAMPLED_LOSSES
+from .natural import NaturalNeuralNetwork, WhitenedLinear, whiten_model
+
+__all__ = [
+    "ACP", "KFAC", "CenteredSGD", "NaturalNeuralNetwork", "WhitenedLinear", "whiten_model",
+    "DivergenceError", "LayerwiseOptimizer", "damped_inverse", "needs_statistics",
+    "OptimizerSpec", "OPTIMIZERS", "make_optimizer", "prepare_model", "BIAS_UPDATES", "SAMPLED_LOSSES",
+]
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """One entry of :data:`OPTIMIZERS`."""
+
+    name: str
+    build: Callable[..., torch.optim.Optimizer]
+    defaults: dict
+    hyperparameters: dict = field(default_factory=dict)  # name → meaning
+    thesis: str = ""
+    model_variant: str | None = None  # None, "batchnorm", "mean_only_batchnorm" or "whitened"
+    uses_statistics: bool = False
+
+
+def _sgd(model, lr=0.1, momentum=0.0):
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+
+
+def _adam(model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8):
+    return torch.optim.Adam(model.parameters(), lr=lr, betas=betas, eps=eps)
+
+
+_LR = "learning rate"
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    spec.name: spec
+    for spec in [
+        OptimizerSpec("sgd", _sgd, dict(lr=0.1, momentum=0.0), {"lr": _LR, "momentum": "heavy ball"}, "§2.2"),
+        OptimizerSpec("sgd_momentum", _sgd, dict(lr=0.05, momentum=0.9), {"lr": _LR, "momentum": "heavy ball"}, "§2.2"),
+        OptimizerSpec("adam", _adam, dict(lr=1e-3), {"lr": _LR, "betas": "moment decay rates", "eps": "denominator floor"},
+                      "Kingma & Ba 2014 (not run in the thesis)"),
+        OptimizerSpec("centered_gd", CenteredSGD, dict(lr=0.1, momentum=0.0), {"lr": _LR, "momentum": "heavy ball"},
+                      "§6.4.1, Algorithm 2"),
+        OptimizerSpec("batchnorm", _sgd, dict(lr=0.1, momentum=0.0), {"lr": _LR, "momentum": "heavy ball"},
+                      "§6.6 (Ioffe & Szegedy 2015)", model_variant="batchnorm"),
+        OptimizerSpec("mean_only_batchnorm", _sgd, dict(lr=0.1, momentum=0.0), {"lr": _LR, "momentum": "heavy ball"},
+                      "§6.6 (Salimans & Kingma 2016)", model_variant="mean_only_batchnorm"),
+        OptimizerSpec(
+            "acp", ACP, dict(lr=0.01, damping=1e-3, alpha=None, amortization_period=100, bias_update="derived"),
+            {"lr": _LR, "damping": "Tikhonov λ (covariance damped by λ/α)", "alpha": "None: max squared gradient heuristic",
+             "amortization_period": "N, updates between statistics/inverses", "bias_update": "'derived' (eq. 6.3.4) or 'printed'",
+             "momentum": "heavy ball (0 in the thesis)"},
+            "§6.4.2, Algorithm 3", uses_statistics=True),
+        OptimizerSpec(
+            "acp_fixed_alpha", ACP, dict(lr=0.01, damping=0.1, alpha=1.0, amortization_period=100, bias_update="derived"),
+            {"lr": _LR, "damping": "Tikhonov λ (covariance damped by λ/α)", "alpha": "fixed α",
+             "amortization_period": "N", "bias_update": "'derived' or 'printed'", "momentum": "heavy ball"},
+            "§6.4.2, Algorithm 3 (fixed α)", uses_statistics=True),
+        OptimizerSpec(
+            "kfac", KFAC, dict(lr=0.01, damping=1e-2, momentum=0.9, statistics_period=10, inverse_period=100),
+            {"lr": _LR, "damping": "Tikhonov λ, factored with the π correction", "momentum": "heavy ball",
+             "loss": f"sampled loss: one of {sorted(SAMPLED_LOSSES)} or a callable", "statistics_period": "updates between factor estimates",
+             "inverse_period": "updates between inversions", "running_average": "weight of the past factors",
+             "kl_clip": "None or the bound on lr²·⟨Δ, ∇⟩"},
+            "§6.5.1 (Martens & Grosse 2015)", uses_statistics=True),
+        OptimizerSpec(
+            "natural_nn", NaturalNeuralNetwork, dict(lr=0.01, damping=1e-2, amortization_period=100, momentum=0.0),
+            {"lr": _LR, "damping": "ε added to the covariance before U = C^(-1/2)", "amortization_period": "N, updates between re-whitenings",
+             "momentum": "heavy ball"},
+            "§6.5.2 (Desjardins et al. 2015)", model_variant="whitened", uses_statistics=True),
+    ]
+}
+
+
+def prepare_model(name: str, model: nn.Module) -> nn.Module:
+    """The model that optimizer ``name`` trains: a batch-norm copy, the model whitened in place, or ``model`` itself."""
+    spec = _spec(name)
+    if spec.model_variant == "batchnorm":
+        return with_batch_norm(model, kind="full")
+    if spec.model_variant == "mean_only_batchnorm":
+        return with_batch_norm(model, kind="mean_only")
+    if spec.model_variant == "whitened":
+        return whiten_model(model)
+    return model
+
+
+def make_optimizer(name: str, model: nn.Module, **hyperparameters) -> torch.optim.Optimizer:
+    """Build optimizer ``name`` of :data:`OPTIMIZERS` for ``model`` (already passed through :func:`prepare_model`).
+
+    ``hyperparameters`` override ``OPTIMIZERS[name].defaults``; unknown names raise a ``TypeError``.
+    """
+    spec = _spec(name)
+    if spec.model_variant in ("batchnorm", "mean_only_batchnorm"):
+        kind = nn.BatchNorm1d if spec.model_variant == "batchnorm" else MeanOnlyBatchNorm1d
+        if not any(isinstance(m, kind) for m in model.modules()):
+            raise ValueError(f"{name!r} trains a batch-normalized model: call model = prepare_model({name!r}, model) first.")
+    return spec.build(model, **{**spec.defaults, **hyperparameters})
+
+
+def _spec(name: str) -> OptimizerSpec:
+    try:
+        return OPTIMIZERS[name]
+    except KeyError:
+        raise ValueError(f"Unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}.") from None

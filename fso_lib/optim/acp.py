@@ -1,0 +1,112 @@
+"""The amortized covariance preconditioner, ACP (thesis §6.3.2 and §6.4.2, Algorithm 3)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import LayerwiseOptimizer, damped_inverse
+
+__all__ = ["ACP", "BIAS_UPDATES"]
+
+BIAS_UPDATES = {
+    "derived": "Δb = (1/α) mean_i ∇_{a_i} l − ΔW h̄   (eq. 6.3.4)",
+    "printed": "Δb = (1/α) mean_i ∇_{a_i} l          (Algorithm 3, line 13)",
+}
+
+
+class ACP(LayerwiseOptimizer):
+    """Amortized covariance preconditioner (Thesis §6.4.2, Algorithm 3; the update of eqs. 6.3.3–6.3.4).
+
+    Each layer's block of the GN/Fisher matrix is approximated by ``A ⊗ αI`` (§6.3.2) plus Tikhonov
+    damping ``λ I``, which amounts to the damped input covariance ``C + (λ/α) I``. The update is::
+
+        ΔW = (1/α) · (1/n) Σ_i ∇_{a_i} l (h_i − h̄)ᵀ (C + (λ/α) I)⁻¹       (eq. 6.3.3)
+        Δb = (1/α) · (1/n) Σ_i ∇_{a_i} l − ΔW h̄                          (eq. 6.3.4, bias_update="derived")
+        W ← W − lr ΔW,   b ← b − lr Δb
+
+    ``C`` is estimated from a separate statistics minibatch every ``amortization_period`` updates
+    (:meth:`update_statistics`; if none was fed, the current training minibatch is used) and its damped
+    inverse is cached; ``h̄`` is the mean of the current training minibatch.
+
+    Hyperparameters
+        ``lr``: the learning rate λ of the thesis; ``damping``: the Tikhonov λ of §6.4.2 (the covariance
+        is damped by ``damping / α``); ``alpha``: a fixed α, or ``None`` for the heuristic
+        ``α = max_{i,j} (∇_{a_i} l)_j²`` (per layer and minibatch; the damping ``λ/α`` then uses the α
+        of the minibatch on which the inverse is refreshed, so that it can be cached);
+        ``amortization_period``: N; ``bias_update``: ``"derived"`` or ``"printed"`` (see
+        :data:`BIAS_UPDATES`); ``momentum``: heavy-ball momentum on the update (0 in the thesis).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 0.01,
+        damping: float = 1e-3,
+        alpha: float | None = None,
+        amortization_period: int = 100,
+        bias_update: str = "derived",
+        momentum: float = 0.0,
+        check_finite: bool = True,
+    ):
+        if bias_update not in BIAS_UPDATES:
+            raise ValueError(f"bias_update must be one of {sorted(BIAS_UPDATES)}, got {bias_update!r}")
+        if damping <= 0:
+            raise ValueError("damping must be positive: the covariance of n examples has rank at most n − 1.")
+        if alpha is not None and alpha <= 0:
+            raise ValueError(f"alpha must be positive or None (heuristic), got {alpha}")
+        if amortization_period < 1:
+            raise ValueError("amortization_period must be at least 1")
+        defaults = dict(lr=lr, damping=damping, alpha=alpha, bias_update=bias_update, momentum=momentum)
+        super().__init__(model, defaults, check_finite=check_finite)
+        self.amortization_period = int(amortization_period)
+
+    # -- statistics ----------------------------------------------------------------------------------
+    def needs_statistics(self) -> bool:
+        return self.n_updates % self.amortization_period == 0
+
+    @torch.no_grad()
+    def _collect_statistics(self, x):
+        self.capture.clear()
+        self.model(x)
+        for layer, h in zip(self.layers, self.capture.inputs):
+            self._store_covariance(self.state[layer.weight], h, self.n_updates)
+
+    @staticmethod
+    def _store_covariance(state, h, n_updates):
+        mean = h.mean(dim=0)
+        centered = h - mean
+        state["covariance"] = centered.T @ centered / h.shape[0]
+        state["inverse"] = None  # refreshed lazily at the next step, when α is known
+        state["statistics_update"] = n_updates
+
+    def _per_example_alpha(self, group, g):
+        if group["alpha"] is not None:
+            return group["alpha"]
+        # g holds (1/n) ∇_{a_i} l; the heuristic uses the per-example gradients
+        return (g.abs().max() * g.shape[0]).square().clamp_min(torch.finfo(g.dtype).tiny)
+
+    def _layer_update(self, k, group, h, g):
+        weight, bias = group["params"]
+        state = self.state[weight]
+        n, n_in = h.shape
+        n_out = g.shape[1]
+        if self.n_updates % self.amortization_period == 0 and state.get("statistics_update") != self.n_updates:
+            # no statistics minibatch fed for this period: use the training minibatch instead
+            self._store_covariance(state, h, self.n_updates)
+        alpha = self._per_example_alpha(group, g)
+        if state.get("inverse") is None:
+            epsilon = group["damping"] / float(alpha)
+            state["inverse"] = damped_inverse(state["covariance"], epsilon, what=f"input covariance of layer {k}")
+            state["epsilon"] = epsilon
+        inverse = state["inverse"]
+        mean = h.mean(dim=0)
+        # order the products by cost: out·in² (precondition the averaged gradient) vs n·in² + n·in·out
+        if n_out * n_in <= n * (n_in + n_out):
+            d_weight = torch.addr(weight.grad, bias.grad, mean, alpha=-1.0) @ inverse
+        else:
+            d_weight = g.T @ ((h - mean) @ inverse)
+        d_weight.div_(alpha)
+        d_bias = bias.grad / alpha
+        if group["bias_update"] == "derived":
+            d_bias = d_bias - d_weight @ mean
+        return d_weight, d_bias

@@ -1,0 +1,33 @@
+"""Centered gradient descent (thesis §6.4.1, Algorithm 2)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import LayerwiseOptimizer
+
+__all__ = ["CenteredSGD"]
+
+
+class CenteredSGD(LayerwiseOptimizer):
+    """Gradient descent with the weight gradient taken on centered inputs (Thesis §6.4.1, Algorithm 2).
+
+    ``ΔW = (1/n) Σ_i ∇_{a_i} l (h_i − h̄)ᵀ`` and ``Δb = (1/n) Σ_i ∇_{a_i} l``, with ``h̄`` the minibatch
+    mean of the layer input: the weight update of ACP (eq. 6.3.3) without the inverse covariance.
+    Since ``Σ_i g_i (h_i − h̄)ᵀ = ∇_W − ∇_b h̄ᵀ``, it costs one rank-one correction of autograd's
+    gradient per layer. Only the forward hooks are used.
+
+    Hyperparameters: ``lr`` (λ), ``momentum`` (heavy ball, 0 in the thesis).
+    """
+
+    capture_grads = False
+
+    def __init__(self, model: nn.Module, lr: float = 0.1, momentum: float = 0.0, check_finite: bool = True):
+        if lr <= 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+        super().__init__(model, dict(lr=lr, momentum=momentum), check_finite=check_finite)
+
+    def _layer_update(self, k, group, h, g):
+        weight, bias = group["params"]
+        mean = h.mean(dim=0)
+        return torch.addr(weight.grad, bias.grad, mean, alpha=-1.0), bias.grad.clone()
