@@ -10,7 +10,7 @@ Every method may also tune the initialization scale (``init_scale``), as the the
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -41,13 +41,13 @@ class Method:
     domain: Domain
     build: Callable[[nn.Module, dict], Built]
     source: str = "torch.optim"
-    notes: str = ""
-    extra: dict = field(default_factory=dict)
+    optional: tuple = ()  # hyperparameters that may be given but have no default
+    uses_statistics: bool = False  # needs ``optimizer.update_statistics(x)`` on a separate minibatch
 
     def hyperparameters(self, overrides: dict | None = None) -> dict:
         """The defaults updated by ``overrides``; unknown names are refused (a typo should not be silent)."""
         overrides = dict(overrides or {})
-        unknown = set(overrides) - set(self.defaults)
+        unknown = set(overrides) - set(self.defaults) - set(self.optional)
         if unknown and self.defaults:  # a method that publishes no defaults takes any name
             raise ValueError(f"{self.name}: unknown hyperparameters {sorted(unknown)}; known: {sorted(self.defaults)}.")
         return {**self.defaults, **overrides}
@@ -105,53 +105,43 @@ CHAPTER6_METHODS = {
 def _fso_optim():
     try:
         module = importlib.import_module("fso_lib.optim")
-    except ImportError as error:
-        raise MethodUnavailable(f"fso_lib.optim cannot be imported ({error}).") from error
-    if not hasattr(module, "make_optimizer"):
-        raise MethodUnavailable("fso_lib.optim has no make_optimizer(name, model, **hyperparameters) yet.")
+    except Exception as error:  # noqa: BLE001 - not written yet, or broken while being written
+        raise MethodUnavailable(f"fso_lib.optim cannot be imported ({type(error).__name__}: {error}).") from error
+    for needed in ("make_optimizer", "prepare_model", "OPTIMIZERS"):
+        if not hasattr(module, needed):
+            raise MethodUnavailable(f"fso_lib.optim has no {needed} yet.")
     return module
 
 
 def _chapter6_build(name: str):
     def build(model: nn.Module, hp: dict) -> Built:
-        made = _fso_optim().make_optimizer(name, model, **hp)
-        if isinstance(made, tuple):  # a method that re-parametrizes the model returns (model, optimizer)
-            return Built(*made)
-        return Built(model, made)
+        optim = _fso_optim()
+        model = optim.prepare_model(name, model)  # batch norm: a copy with BN layers; NNN: whitened
+        return Built(model, optim.make_optimizer(name, model, **hp))
     return build
 
 
-def _chapter6_defaults(name: str) -> tuple[dict, Domain | None]:
-    """Defaults and search domain published by ``fso_lib.optim`` for ``name``, when it publishes them."""
-    try:
-        module = _fso_optim()
-    except MethodUnavailable:
-        return {}, None
-    defaults = {}
-    for attribute in ("default_hyperparameters", "DEFAULT_HYPERPARAMETERS"):
-        source = getattr(module, attribute, None)
-        if callable(source):
-            try:
-                defaults = dict(source(name))
-            except Exception:  # noqa: BLE001 - fall back to no defaults
-                defaults = {}
-            break
-        if isinstance(source, dict):
-            defaults = dict(source.get(name, {}))
-            break
-    return defaults, None
+#: Search domains of the chapter-6 methods' extra hyperparameters (all log-uniform).
+CHAPTER6_DOMAINS = {
+    "damping": Param("damping", 1e-4, 1.0, log=True),
+}
 
 
 def register_chapter6_methods() -> None:
-    """(Re-)register the chapter-6 methods, picking up the defaults ``fso_lib.optim`` publishes."""
+    """(Re-)register the chapter-6 methods with the defaults that ``fso_lib.optim.OPTIMIZERS`` publishes."""
+    try:
+        specs = _fso_optim().OPTIMIZERS
+    except MethodUnavailable:
+        specs = {}
     for name, label in CHAPTER6_METHODS.items():
-        defaults, domain = _chapter6_defaults(name)
-        if domain is None:
-            params = [Param("lr", 1e-5, 1.0, log=True)]
-            if "damping" in defaults:
-                params.append(Param("damping", 1e-3, 10.0, log=True))
-            domain = Domain([*params, INIT_SCALE])
-        register_method(Method(name, label, defaults, domain, _chapter6_build(name), source="fso_lib.optim"))
+        spec = specs.get(name)
+        defaults = dict(spec.defaults) if spec is not None else {}
+        optional = tuple(k for k in getattr(spec, "hyperparameters", {}) if k not in defaults)
+        params = [Param("lr", 1e-5, 1.0, log=True)]
+        params += [CHAPTER6_DOMAINS[k] for k in CHAPTER6_DOMAINS if k in defaults]
+        register_method(Method(name, label, defaults, Domain([*params, INIT_SCALE]), _chapter6_build(name),
+                               source="fso_lib.optim",
+                               optional=optional, uses_statistics=bool(getattr(spec, "uses_statistics", False))))
 
 
 register_chapter6_methods()

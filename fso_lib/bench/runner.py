@@ -126,6 +126,12 @@ def _bar(fraction: float, width: int = 20) -> str:
     return "[" + "#" * filled + "." * (width - filled) + "]"
 
 
+def needs_statistics(optimizer) -> bool:
+    """True when a chapter-6 optimizer wants a statistics minibatch before its next update."""
+    method = getattr(optimizer, "needs_statistics", None)
+    return bool(method()) if callable(method) else False
+
+
 def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The data order of one epoch: a permutation that depends only on (seed, epoch)."""
     generator = torch.Generator().manual_seed(1_000_003 * seed + epoch)
@@ -242,6 +248,8 @@ def run(config: RunConfig, out_dir: str | Path, resume: bool = False, task=None)
     hp = method.hyperparameters(config.hyperparameters)
     if task is None:
         task = make_task(config.task, sample=config.sample, dataset=config.dataset)
+    if "loss" in method.optional and "loss" not in hp:  # K-FAC samples targets from the task's own loss
+        hp["loss"] = task.sampled_loss
     task.to(device)
     init = config.init or task.defaults["init"]
     init_scale = config.init_scale if config.init_scale is not None else task.defaults["init_scale"]
@@ -259,6 +267,7 @@ def run(config: RunConfig, out_dir: str | Path, resume: bool = False, task=None)
     model, optimizer = built.model.to(device), built.optimizer
 
     update, epoch, position, elapsed = 0, 0, 0, 0.0
+    stats_epoch, stats_position = 0, 0  # a second, independent data stream for statistics minibatches
     checkpoint = None
     if resume and checkpoint_path.exists():
         checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=False)
@@ -275,6 +284,7 @@ def run(config: RunConfig, out_dir: str | Path, resume: bool = False, task=None)
         np.random.set_state(checkpoint["rng"]["numpy"])
         random.setstate(checkpoint["rng"]["python"])
         update, epoch, position, elapsed = (checkpoint[k] for k in ("update", "epoch", "position", "elapsed"))
+        stats_epoch, stats_position = checkpoint["stats_epoch"], checkpoint["stats_position"]
         initial_train_loss = checkpoint["initial_train_loss"]
         previous = _truncate_to_checkpoint(results_path, update)
         writer = _Writer(results_path, "a")
@@ -296,6 +306,8 @@ def run(config: RunConfig, out_dir: str | Path, resume: bool = False, task=None)
 
     progress = Progress(f"{config.method}", enabled=config.progress)
     order = _epoch_order(task.n_train, config.seed, epoch).to(device)
+    stats_seed = config.seed + 7919
+    stats_order = _epoch_order(task.n_train, stats_seed, stats_epoch).to(device)
     last_eval_update, last_eval_time = update, elapsed
     status = "running"
     last_eval = None
@@ -319,6 +331,7 @@ def run(config: RunConfig, out_dir: str | Path, resume: bool = False, task=None)
         _save_checkpoint(checkpoint_path, {
             "config": asdict(config), "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng,
             "update": update, "epoch": epoch, "position": position, "elapsed": elapsed,
+            "stats_epoch": stats_epoch, "stats_position": stats_position,
             "initial_train_loss": initial_train_loss})
         last_eval_update, last_eval_time, last_eval = update, elapsed, record
         return record
@@ -331,7 +344,7 @@ def run(config: RunConfig, out_dir: str | Path, resume: bool = False, task=None)
         return not math.isfinite(loss) or (initial_train_loss is not None
                                            and loss > config.divergence_factor * initial_train_loss)
 
-    error = None
+    error = divergence_reason = None
     try:
         if checkpoint is None:
             evaluate_and_save()
@@ -349,10 +362,20 @@ def run(config: RunConfig, out_dir: str | Path, resume: bool = False, task=None)
             index = order[position:position + config.batch_size]
             position += config.batch_size
             x, y = task.train_inputs[index], task.train_targets[index]
+            if method.uses_statistics and needs_statistics(optimizer):
+                if stats_position + config.batch_size > task.n_train:
+                    stats_epoch, stats_position = stats_epoch + 1, 0
+                    stats_order = _epoch_order(task.n_train, stats_seed, stats_epoch).to(device)
+                stats_index = stats_order[stats_position:stats_position + config.batch_size]
+                stats_position += config.batch_size
+                optimizer.update_statistics(task.train_inputs[stats_index])
             optimizer.zero_grad(set_to_none=True)
             loss = task.loss(model(x), y)
             loss.backward()
-            optimizer.step()
+            try:
+                optimizer.step()
+            except FloatingPointError as exc:  # fso_lib.optim.DivergenceError: a non-finite update
+                status, divergence_reason = "diverged", f"{type(exc).__name__}: {exc}"
             update += 1
             now = time.perf_counter()
             seconds = elapsed + now - started
@@ -389,6 +412,8 @@ def run(config: RunConfig, out_dir: str | Path, resume: bool = False, task=None)
                "wall_clock": datetime.datetime.now().isoformat(timespec="seconds")}
         if error:
             end["error"] = error
+        if divergence_reason:
+            end["divergence"] = divergence_reason
         writer.write(end)
         writer.close()
         records.append(end)

@@ -63,6 +63,7 @@ class Task:
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     classification: bool = False
     defaults: dict = field(default_factory=dict)  # default init / init_scale
+    sampled_loss: str = "squared_error"  # the loss K-FAC samples its targets from
 
     @property
     def n_train(self) -> int:
@@ -192,5 +193,5 @@ def make_task(name: str, sample: bool | None = None, dataset: str | None = None)
             return classifier(n_inputs, 10, init=init, init_scale=init_scale, seed=seed)
 
         return Task(name, source, train_x, train_y, test_x, test_y, build, cross_entropy, classification=True,
-                    defaults={"init": "glorot", "init_scale": 2 ** 0.5})
+                    sampled_loss="softmax_cross_entropy", defaults={"init": "glorot", "init_scale": 2 ** 0.5})
     raise ValueError(f"Unknown task {name!r}; choose one of {TASKS}.")
