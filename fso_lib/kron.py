@@ -54,7 +54,7 @@ def unvec(v: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 
 def kron(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``A ⊗ B``: the block matrix whose block (i, j) is ``a_ij B``."""
-    return torch.kron(a, b)
+    return torch.kron(a.contiguous(), b.contiguous())
 
 
 def augment(h: torch.Tensor) -> torch.Tensor:

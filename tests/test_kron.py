@@ -1,0 +1,100 @@
+"""Kronecker identities and the factored GN/Fisher block of one layer (thesis §6.3), in float64."""
+import pytest
+import torch
+
+from fso_lib import curvature
+from fso_lib.kron import (
+    augment, backward_factors, block_to_thesis_order, block_to_torch_order, factored_block, kron,
+    per_example_parameter_jacobians, preactivation_jacobians, relative_error, thesis_to_torch_permutation,
+    unvec, vec,
+)
+from fso_lib.losses import SquaredError
+from fso_lib.models import linear_layers, mlp
+
+F64 = dict(dtype=torch.float64)
+
+
+def _net(seed=0, sizes=(3, 4, 2), activation="tanh"):
+    torch.manual_seed(seed)
+    return mlp(sizes, activation=activation).double()
+
+
+def test_vec_identities():
+    g = torch.Generator().manual_seed(0)
+    a, x, b = (torch.randn(s, generator=g, dtype=torch.float64) for s in [(2, 3), (3, 4), (4, 5)])
+    assert torch.allclose(vec(a @ x @ b), kron(b.T, a) @ vec(x))
+    assert torch.equal(unvec(vec(x), 3, 4), x)
+    assert torch.equal(vec(x), x.T.reshape(-1))  # column stacking; torch's flatten is vec(Xᵀ)
+    c, d = torch.randn(3, 3, generator=g, dtype=torch.float64), torch.randn(2, 2, generator=g, dtype=torch.float64)
+    e, f = torch.randn(3, 3, generator=g, dtype=torch.float64), torch.randn(2, 2, generator=g, dtype=torch.float64)
+    assert torch.allclose(kron(c, d) @ kron(e, f), kron(c @ e, d @ f))
+    assert torch.allclose(torch.linalg.inv(kron(c, d)), kron(torch.linalg.inv(c), torch.linalg.inv(d)))
+
+
+def test_permutation_maps_torch_layout_to_thesis_vec():
+    w, b = torch.randn(4, 3, **F64), torch.randn(4, **F64)
+    torch_theta = torch.cat([w.flatten(), b])
+    thesis_theta = vec(torch.cat([w, b[:, None]], dim=1))
+    assert torch.equal(torch_theta[thesis_to_torch_permutation(3, 4)], thesis_theta)
+    m = torch.randn(16, 16, **F64)
+    assert torch.equal(block_to_thesis_order(block_to_torch_order(m, 3, 4), 3, 4), m)
+
+
+@pytest.mark.parametrize("layer_index", [0, 1])
+def test_parameter_jacobian_is_the_kronecker_product_6_3_1(layer_index):
+    model = _net()
+    x = torch.randn(5, 3, **F64)
+    _, inputs, jacs = preactivation_jacobians(model, x)
+    ours = per_example_parameter_jacobians(inputs[layer_index], jacs[layer_index])
+    layout = curvature.parameter_layout(model)
+    full = curvature.output_jacobian(model, x)  # (n, d, P) torch layout
+    block = layout.blocks[layer_index].slice
+    layer = linear_layers(model)[layer_index]
+    reference = full[:, :, block][:, :, thesis_to_torch_permutation(layer.in_features, layer.out_features)]
+    assert torch.allclose(ours, reference, atol=1e-12)
+
+
+@pytest.mark.parametrize("layer_index", [0, 1])
+def test_sum_of_kronecker_products_is_the_exact_gn_block_6_3_2(layer_index):
+    model = _net(1)
+    x, y = torch.randn(6, 3, **F64), torch.randn(6, 2, **F64)
+    loss = SquaredError()
+    out, inputs, jacs = preactivation_jacobians(model, x)
+    b_factors = backward_factors(jacs[layer_index], loss.output_hessian(out, y))
+    ours = factored_block(inputs[layer_index], b_factors, "sum_of_kronecker")
+    layout = curvature.parameter_layout(model)
+    exact = curvature.diagonal_blocks(curvature.gauss_newton(model, loss, x, y), layout)[layer_index]
+    layer = linear_layers(model)[layer_index]
+    assert torch.allclose(ours, block_to_thesis_order(exact, layer.in_features, layer.out_features), atol=1e-12)
+    # in torch's row-major [W b] order the factor order flips: Σ B_i ⊗ A_i
+    ha = augment(inputs[layer_index])
+    row_major = sum(kron(b_i, torch.outer(a_i, a_i)) for a_i, b_i in zip(ha, b_factors)) / len(ha)
+    p = torch.arange(ha.shape[1] * layer.out_features).reshape(ha.shape[1], layer.out_features).T.reshape(-1)
+    assert torch.allclose(row_major, ours[p][:, p], atol=1e-12)
+
+
+def test_kfac_is_exact_for_one_example_and_for_a_repeated_input():
+    model = _net(2)
+    for x in [torch.randn(1, 3, **F64), torch.randn(1, 3, **F64).repeat(5, 1)]:
+        _, inputs, jacs = preactivation_jacobians(model, x)
+        for h, jac in zip(inputs, jacs):
+            b_factors = backward_factors(jac)
+            exact = factored_block(h, b_factors, "sum_of_kronecker")
+            assert relative_error(factored_block(h, b_factors, "kfac"), exact) < 1e-12
+    # ... and not exact in general
+    _, inputs, jacs = preactivation_jacobians(model, torch.randn(8, 3, **F64))
+    b_factors = backward_factors(jacs[0])
+    assert relative_error(factored_block(inputs[0], b_factors, "kfac"), factored_block(inputs[0], b_factors, "sum_of_kronecker")) > 1e-3
+
+
+def test_acp_factor_is_exact_when_the_backward_factor_is_a_multiple_of_identity():
+    # last layer of a net with identity output and squared error: J_a = I, D = 2I, so B_i = 2I
+    model = _net(3)
+    x = torch.randn(7, 3, **F64)
+    _, inputs, jacs = preactivation_jacobians(model, x)
+    b_factors = backward_factors(jacs[-1], 2.0 * torch.eye(2, **F64).expand(7, 2, 2))
+    exact = factored_block(inputs[-1], b_factors, "sum_of_kronecker")
+    assert relative_error(factored_block(inputs[-1], b_factors, "acp", alpha=2.0), exact) < 1e-12
+    assert relative_error(factored_block(inputs[-1], b_factors, "acp"), exact) < 1e-12  # default α = mean trace
+    with pytest.raises(ValueError, match="Unknown approximation"):
+        factored_block(inputs[-1], b_factors, "diagonal")
