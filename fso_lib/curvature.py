@@ -316,12 +316,18 @@ def monte_carlo_fisher(
     """``(1/(n S)) Σ_i Σ_s g_is g_isᵀ`` with targets ``y_is ~ p_θ(y|x_i)``: the definition of the Fisher (§3.2.1)."""
     _check_loss(loss)
     outputs, jac = _outputs_and_jacobian(model, x)
+    n, k = outputs.shape
     total = torch.zeros(jac.shape[2], jac.shape[2], dtype=jac.dtype, device=jac.device)
-    for _ in range(int(n_samples)):
-        sampled = loss.sample_target(outputs, generator)
-        grads = torch.einsum("nk,nkp->np", loss.output_gradient(outputs, sampled), jac)
+    remaining = int(n_samples)
+    while remaining > 0:  # draw the samples in chunks: one (chunk · n, P) matrix of gradients at a time
+        chunk = min(remaining, max(1, 2 ** 20 // max(1, n * jac.shape[2])))
+        repeated = outputs.repeat(chunk, 1)
+        sampled = loss.sample_target(repeated, generator)
+        scores = loss.output_gradient(repeated, sampled).view(chunk, n, k)
+        grads = torch.einsum("snk,nkp->snp", scores, jac).reshape(chunk * n, -1)
         total += grads.T @ grads
-    return total / (jac.shape[0] * int(n_samples))
+        remaining -= chunk
+    return total / (n * int(n_samples))
 
 
 def empirical_fisher(model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
