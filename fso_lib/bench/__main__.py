@@ -64,6 +64,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-schedule", choices=("log", "linear"), default="log",
                    help="log: also evaluate at updates 10, 13, 17, ... for log-scale plots")
     p.add_argument("--train-eval-size", type=int, default=10_000)
+    p.add_argument("--test-eval-size", type=int, default=None, help="default: the whole test set")
     p.add_argument("--divergence-factor", type=float, default=10.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: fso_lib.config.get_device())")
@@ -71,6 +72,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", action="store_true", help="use the 1,000-image MNIST sample (smoke tests)")
     p.add_argument("--out", default="data/results/runs", help="output folder")
     p.add_argument("--name", default=None, help="run name (default TASK-METHOD-seedSEED)")
+    p.add_argument("--note", default="", help="free text stored in the header (e.g. how many runs shared the device)")
     p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint if there is one")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -99,9 +101,10 @@ def main(argv=None) -> int:
         task=args.task, method=args.method, hyperparameters=hp, init=args.init or init,
         init_scale=args.init_scale if args.init_scale is not None else init_scale, batch_size=args.batch_size,
         max_updates=args.updates, max_seconds=args.seconds, eval_every=args.eval_every,
-        eval_schedule=args.eval_schedule, train_eval_size=args.train_eval_size, seed=args.seed, device=args.device,
+        eval_schedule=args.eval_schedule, train_eval_size=args.train_eval_size,
+        test_eval_size=args.test_eval_size, seed=args.seed, device=args.device,
         dataset=args.dataset, sample=True if args.sample else None, divergence_factor=args.divergence_factor,
-        name=args.name, progress=not args.quiet)
+        name=args.name, note=args.note, progress=not args.quiet)
     result = run(config, args.out, resume=args.resume)
     print(f"{result.name}: {result.status} after {result.updates} updates, {result.seconds:.1f} s; "
           f"train loss {result.train_loss:.4g}, test loss {result.test_loss:.4g} -> {result.results_path}")

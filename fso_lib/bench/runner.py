@@ -32,7 +32,7 @@ from .methods import get_method
 from .tasks import make_task
 
 #: Fields of the configuration that may change when a run is resumed (its budget and its display).
-RESUMABLE_CHANGES = {"max_updates", "max_seconds", "progress"}
+RESUMABLE_CHANGES = {"max_updates", "max_seconds", "progress", "note"}
 
 
 @dataclass
@@ -50,12 +50,14 @@ class RunConfig:
     eval_every: int = 1000  # updates between evaluations (an upper bound with eval_schedule="log")
     eval_schedule: str = "log"  # "log": also at updates 10, 13, 17, ... (×1.3) below eval_every; "linear"
     train_eval_size: int = 10_000  # size of the fixed training subset the train loss is measured on
+    test_eval_size: int | None = None  # None: the whole test set; else its first test_eval_size images
     seed: int = 0
     device: str | None = None
     dataset: str | None = None  # classification: "cifar10", "mnist" or None (CIFAR-10 if available)
     sample: bool | None = None  # True: the 1,000-image MNIST sample; None: follow FSO_FAST
     divergence_factor: float = 10.0  # diverged when a loss exceeds this times the initial train loss
     name: str | None = None
+    note: str = ""  # free text kept in the header (e.g. "4 runs shared this GPU")
     progress: bool = True
 
     def __post_init__(self):
@@ -258,6 +260,7 @@ def run(config: RunConfig, out_dir: str | Path, resume: bool = False, task=None)
     subset = torch.randperm(task.n_train, generator=eval_generator)[: min(config.train_eval_size, task.n_train)]
     subset = subset.to(device)
     train_eval_x, train_eval_y = task.train_inputs[subset], task.train_targets[subset]
+    test_x, test_y = task.test_inputs[: config.test_eval_size], task.test_targets[: config.test_eval_size]
 
     torch.manual_seed(config.seed)
     np.random.seed(config.seed % 2**32)
@@ -298,6 +301,7 @@ def run(config: RunConfig, out_dir: str | Path, resume: bool = False, task=None)
                   "init": init, "init_scale": init_scale, "method_label": method.label,
                   "method_source": method.source, "task": task.name, "dataset": task.dataset,
                   "n_train": task.n_train, "n_test": task.test_inputs.shape[0],
+                  "test_eval_size": int(test_x.shape[0]),
                   "train_eval_size": int(subset.numel()), "device": str(device), "machine": machine_info(device),
                   "versions": versions(), "wall_clock": datetime.datetime.now().isoformat(timespec="seconds")}
         writer.write(header)
@@ -315,7 +319,7 @@ def run(config: RunConfig, out_dir: str | Path, resume: bool = False, task=None)
     def evaluate_and_save() -> dict:
         nonlocal last_eval_update, last_eval_time, initial_train_loss, last_eval
         train = evaluate(model, task, train_eval_x, train_eval_y)
-        test = evaluate(model, task, task.test_inputs, task.test_targets)
+        test = evaluate(model, task, test_x, test_y)
         if initial_train_loss is None:
             initial_train_loss = train["loss"]
         interval = update - last_eval_update
