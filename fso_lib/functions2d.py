@@ -25,6 +25,7 @@ __all__ = [
     "damped_newton_path",
     "path",
     "grid_values",
+    "draw_paths",
 ]
 
 
@@ -204,3 +205,23 @@ def damped_newton_path(function: Function2D, start, damping: float, n_steps: int
     return path(function, start,
                 lambda f, p: -learning_rate * _solve_or_nan(f.hessian(p) + damping * np.eye(2), f.gradient(p)),
                 n_steps, **kwargs)
+
+
+def draw_paths(ax, function: Function2D, paths: dict, levels: int = 30, n_grid: int = 200, bounds=None):
+    """Contours of ``function`` (log-spaced levels) with one labelled path per ``{name: (points, colour)}``."""
+    X, Y, Z = grid_values(function, n_grid, bounds)
+    shifted = Z - Z.min() + 1e-3
+    ax.contour(X, Y, shifted, levels=np.geomspace(shifted.min() + 1e-3, shifted.max(), levels),
+               colors="0.75", linewidths=0.6)
+    for m in function.minimizers:
+        ax.plot(*m, marker="*", color="k", markersize=10, linestyle="none")
+    for name, (points, color) in paths.items():
+        ax.plot(points[:, 0], points[:, 1], "o-", color=color, markersize=2.5, linewidth=1.2,
+                label=f"{name} ({len(points) - 1} steps)")
+    xmin, xmax, ymin, ymax = bounds or function.bounds
+    ax.set_xlim(xmin, xmax)
+    ax.set_ylim(ymin, ymax)
+    ax.set_xlabel("x")
+    ax.set_ylabel("y")
+    ax.set_title(function.name)
+    return ax
