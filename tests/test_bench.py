@@ -127,3 +127,32 @@ def test_cli_reads_tuned_hyperparameters(tmp_path, capsys):
     header = read_records(tmp_path / "small_autoencoder-sgd-seed0.jsonl")[0]
     assert header["hyperparameters"] == {"lr": 0.02} and header["init_scale"] == 0.5
     assert "completed" in capsys.readouterr().out
+
+
+def test_report_tables_read_the_records(tmp_path):
+    from fso_lib.bench.report import load_runs, loss_at_time, race_table, time_to_loss
+
+    run(small("sgd", hyperparameters={"lr": 0.05}, max_updates=40, name="a"), tmp_path)
+    (r,) = load_runs(tmp_path)
+    assert r.status == "completed" and r.method == "sgd" and r.device_label.startswith("CPU")
+    t_mid = float(r.times[2])
+    assert loss_at_time(r, t_mid) == pytest.approx(r.train[2])
+    assert math.isnan(loss_at_time(r, r.times[-1] + 100))  # the run did not last that long
+    assert time_to_loss(r, float(r.train[3])) <= r.times[3] and time_to_loss(r, -1.0) == math.inf
+    (row,) = race_table([r], [t_mid], [float(r.train[-1])])
+    assert row["updates"] == 40 and row["ms/update"] > 0
+
+
+@pytest.mark.parametrize("method", ["acp", "kfac"])
+def test_chapter6_methods_resume_exactly(tmp_path, method):
+    from fso_lib.bench import method_available
+
+    ok, why = method_available(method)
+    if not ok:
+        pytest.skip(why)
+    hp = {"amortization_period": 7} if method == "acp" else {"statistics_period": 3, "inverse_period": 7}
+    cfg = dict(hyperparameters=hp, init_scale=1.0)
+    run(small(method, max_updates=20, name="part", **cfg), tmp_path)
+    resumed = run(small(method, max_updates=40, name="part", **cfg), tmp_path, resume=True)
+    reference = run(small(method, max_updates=40, name="whole", **cfg), tmp_path)
+    assert _evals(resumed.results_path) == _evals(reference.results_path)

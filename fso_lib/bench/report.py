@@ -183,3 +183,35 @@ def format_table(rows: list[dict], digits: int = 3) -> str:
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)
+
+
+#: Final train squared error of each method after 3×10⁵ updates, *read by eye* from the thesis's figures 6.1
+#: and 6.2 (Titan Black GPU); a reference for the ordering, not data of ours. Source: thesis §6.6.
+THESIS_FINAL_TRAIN = {"kfac": 0.9, "acp": 1.0, "acp_fixed_alpha": 1.0, "natural_nn": 1.1,
+                      "mean_only_batchnorm": 1.5, "batchnorm": 1.8, "sgd": 2.1, "centered_gd": 2.4}
+
+
+def common_horizon(runs: list[Run]) -> float:
+    """The longest training time every run reached (or diverged before): where all can be compared."""
+    ends = [float(r.times[-1]) for r in runs if len(r.times) and r.status != "diverged"]
+    return min(ends) if ends else math.nan
+
+
+def ranking_at_time(runs: list[Run], seconds: float, which: str = "train") -> list[tuple[str, float]]:
+    """(method, loss at ``seconds``) from best to worst; diverged runs last."""
+    pairs = [(r.method, loss_at_time(r, seconds, which)) for r in runs]
+    return sorted(pairs, key=lambda p: (math.isnan(p[1]), p[1]))
+
+
+def rank_agreement(ours: list[str], reference: dict[str, float]) -> tuple[int, int]:
+    """How many pairs of methods (present in both) are ordered the same way as in ``reference``:
+    (concordant pairs, comparable pairs). Ties in the reference are not counted."""
+    common = [m for m in ours if m in reference]
+    agree = total = 0
+    for i, a in enumerate(common):
+        for b in common[i + 1:]:
+            if reference[a] == reference[b]:
+                continue
+            total += 1
+            agree += reference[a] < reference[b]  # ``ours`` lists a before b: a was better for us
+    return agree, total
