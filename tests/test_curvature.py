@@ -130,8 +130,8 @@ LOSSES = [SquaredError(), SquaredError(scale=0.5), BinaryCrossEntropy(), CrossEn
           BinaryCrossEntropyWithLogits(), CrossEntropyWithLogits()]
 ARCHITECTURES = [([3, 2], "tanh"), ([2, 4, 3], "sigmoid"), ([3, 3, 2, 3], "softplus"), ([2, 3, 3, 2, 2], "tanh"),
                  ([3, 4, 2], "relu"), ([2, 2, 3, 2], "sigmoid")]
-# every loss with two architectures, every architecture with two losses (keeps the file fast)
-CASES = [(loss, *ARCHITECTURES[(i + shift) % len(ARCHITECTURES)]) for i, loss in enumerate(LOSSES) for shift in (0, 3)]
+# every loss once and every architecture once (depth 1 to 4; tanh, sigmoid, softplus, relu): keeps the file fast
+CASES = [(loss, *ARCHITECTURES[i]) for i, loss in enumerate(LOSSES)]
 
 
 def _case_id(case):
