@@ -23,6 +23,10 @@ else draws again. The corner cases, which the thesis does not spell out, are han
   They never set ``c_max`` or ``c_min`` themselves, so one explosion does not flatten the scale;
 * **trials still running** (parallel search) are not in the model yet: the next proposal uses only finished
   trials, so ``max_in_flight`` workers make the search a little less greedy than the sequential algorithm;
+* **outliers**: with the thesis's rule, one very bad trial makes every merely mediocre region look good
+  (p close to 1). ``c_max_quantile`` < 1 (our variant, not the thesis's) takes c_max as that quantile of
+  the finite costs instead of their maximum; estimates above it are never accepted (p = 0 before the
+  bound on rejections);
 * **a bound on rejections**: after ``max_draws`` rejected draws the last draw is accepted, so the loop always
   ends, even if the region worth exploring has become tiny.
 """
@@ -213,9 +217,9 @@ class _Proposer:
     """Proposes the next point from the finished history."""
 
     def __init__(self, method: str, domain: Domain, n_trials: int, rng: np.random.Generator,
-                 n_initial: int, max_draws: int, shift_grid: bool):
+                 n_initial: int, max_draws: int, shift_grid: bool, c_max_quantile: float = 1.0):
         self.method, self.domain, self.rng = method, domain, rng
-        self.n_initial, self.max_draws = n_initial, max_draws
+        self.n_initial, self.max_draws, self.c_max_quantile = n_initial, max_draws, c_max_quantile
         if method == "grid":
             self.grid = grid_points(domain, n_trials, rng if shift_grid else None)
 
@@ -230,9 +234,9 @@ class _Proposer:
         finite = [t.cost for t in finished if t.finite]
         if len(finite) < self.n_initial:
             return self.domain.sample(self.rng), 1
-        c_min, c_max = min(finite), max(finite)
+        c_min, c_max = min(finite), float(np.quantile(finite, self.c_max_quantile))
         points = np.array([self.domain.to_unit(t.params) for t in finished])
-        costs = np.array([t.cost if t.finite else c_max for t in finished])
+        costs = np.array([t.cost if t.finite else max(finite) for t in finished])
         for draws in range(1, self.max_draws + 1):
             u = self.rng.random(len(self.domain.params))
             c_estimate = nearest_neighbour_cost(points, costs, u)
@@ -266,6 +270,7 @@ def run_search(
     n_initial: int = 2,
     max_draws: int = 10_000,
     shift_grid: bool = False,
+    c_max_quantile: float = 1.0,
     on_trial: Callable[[Trial], None] | None = None,
 ) -> SearchResult:
     """Run ``n_trials`` experiments proposed by ``method`` (``"grid"``, ``"random"`` or ``"biased"``).
@@ -273,12 +278,13 @@ def run_search(
     ``executor``: any :class:`concurrent.futures.Executor`; ``None`` makes a local process pool with one
     worker per CPU core (closed at the end). ``max_in_flight`` trials run at once (default: the pool's
     size for the default pool, else 1 for a serial executor and ``os.cpu_count()`` otherwise).
+    ``c_max_quantile`` (biased search): 1.0 is the thesis's rule; see the module docstring for < 1.
     ``on_trial`` is called in this process with each finished :class:`Trial` (e.g. to log it).
     """
     if method not in ("grid", "random", "biased"):
         raise ValueError(f"Unknown search method {method!r}: use 'grid', 'random' or 'biased'.")
     rng = np.random.default_rng(seed)
-    proposer = _Proposer(method, domain, n_trials, rng, n_initial, max_draws, shift_grid)
+    proposer = _Proposer(method, domain, n_trials, rng, n_initial, max_draws, shift_grid, c_max_quantile)
     if method == "grid":
         n_trials = len(proposer.grid)
     own_pool = executor is None

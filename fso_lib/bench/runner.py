@@ -281,9 +281,9 @@ def run(config: RunConfig, out_dir: str | Path, resume: bool = False, task=None)
             raise ValueError(f"Cannot resume {config.run_name}: the configuration changed ({changed}).")
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        torch.set_rng_state(checkpoint["rng"]["torch"])
+        torch.set_rng_state(checkpoint["rng"]["torch"].cpu())  # RNG states must be CPU byte tensors
         if device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
+            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"].cpu(), device)
         np.random.set_state(checkpoint["rng"]["numpy"])
         random.setstate(checkpoint["rng"]["python"])
         update, epoch, position, elapsed = (checkpoint[k] for k in ("update", "epoch", "position", "elapsed"))
