@@ -109,3 +109,17 @@ def test_results_are_written_as_json_lines(tmp_path):
     result.write_jsonl(tmp_path / "s.jsonl")
     lines = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
     assert lines[0]["type"] == "search" and [r["cost"] for r in lines[1:]] == pytest.approx(result.costs().tolist())
+
+
+def test_c_max_quantile_ignores_outliers():
+    """A landscape with a few catastrophic points: the thesis's rule accepts nearly everything else,
+    c_max at the median keeps the search near the minimum."""
+
+    def with_cliff(params):
+        return 1e3 if params["scale"] < 0.2 else bowl(params)
+
+    def late_median(q):
+        return np.median([np.median(biased_random_search(with_cliff, DOMAIN, 60, seed=k, c_max_quantile=q,
+                                                         executor=SerialExecutor()).costs()[30:]) for k in range(8)])
+
+    assert late_median(0.5) < 0.5 * late_median(1.0)
