@@ -150,9 +150,9 @@ def test_chapter6_methods_resume_exactly(tmp_path, method):
     ok, why = method_available(method)
     if not ok:
         pytest.skip(why)
-    hp = {"amortization_period": 7} if method == "acp" else {"statistics_period": 3, "inverse_period": 7}
-    cfg = dict(hyperparameters=hp, init_scale=1.0)
-    run(small(method, max_updates=20, name="part", **cfg), tmp_path)
-    resumed = run(small(method, max_updates=40, name="part", **cfg), tmp_path, resume=True)
-    reference = run(small(method, max_updates=40, name="whole", **cfg), tmp_path)
+    hp = {"amortization_period": 4} if method == "acp" else {"statistics_period": 2, "inverse_period": 4}
+    cfg = dict(hyperparameters=hp, init_scale=1.0, eval_every=5, train_eval_size=100)
+    run(small(method, max_updates=10, name="part", **cfg), tmp_path)  # inverses at 0, 4, 8: resume mid-period
+    resumed = run(small(method, max_updates=15, name="part", **cfg), tmp_path, resume=True)
+    reference = run(small(method, max_updates=15, name="whole", **cfg), tmp_path)
     assert _evals(resumed.results_path) == _evals(reference.results_path)

@@ -96,7 +96,7 @@ def plot_race(runs: list[Run], title: str | None = None, axes=None, log_y: bool 
     import matplotlib.pyplot as plt
 
     if axes is None:
-        fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+        fig, axes = plt.subplots(1, 3, figsize=(14, 4.0))
     else:
         fig = axes[0].figure
     panels = [("updates", "train", "updates"), ("times", "train", "training time (s)"),
@@ -118,9 +118,10 @@ def plot_race(runs: list[Run], title: str | None = None, axes=None, log_y: bool 
     axes[1].set_title("train loss vs time")
     axes[2].set_title("test loss vs time")
     handles, labels = axes[0].get_legend_handles_labels()
+    fig.subplots_adjust(wspace=0.32, top=0.86, bottom=0.14)
     if handles:
         fig.legend(handles, labels, loc="center right", bbox_to_anchor=(1.0, 0.5))
-        fig.subplots_adjust(right=0.85)
+        fig.subplots_adjust(right=0.82)
     if title:
         fig.suptitle(title)
     return fig, axes
