@@ -63,6 +63,17 @@ def copy_notebooks_without_outputs(source: Path, target: Path) -> list[str]:
     return names
 
 
+def mirror_repository(repo: Path, target: Path) -> None:
+    """Make ``target`` look like the repository around ``target/notebooks``: link every other top-level entry
+    (``data/``, ``benchmarks/``, ...) so that notebooks reading ``../data/...`` find it. Only the notebook
+    copies are real files, so autosave can never rewrite the repository's notebooks."""
+    target.mkdir(parents=True, exist_ok=True)
+    for entry in repo.iterdir():
+        if entry.name in {"notebooks", ".git", ".venv"} or (target / entry.name).exists():
+            continue
+        (target / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
+
+
 def write_lab_settings(settings_dir: Path) -> None:
     for relative, values in LAB_SETTINGS.items():
         path = settings_dir / relative

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from browser_helpers import (CHROMIUM, CHROMIUM_ARGS, OUTPUT_TEXT_JS, copy_notebooks_without_outputs,
-                             missing_requirements, open_notebook, run_all_cells, save_screenshots, start_lab,
+                             mirror_repository, missing_requirements, open_notebook, run_all_cells, save_screenshots, start_lab,
                              write_lab_settings)
 
 pytestmark = pytest.mark.browser
@@ -50,8 +50,9 @@ def lab(tmp_path_factory, request):
             pytest.fail(f"CI is set but the browser test cannot run: {reason}. .ci/run must install it.")
         pytest.skip(reason)
     base = tmp_path_factory.mktemp("lab")
-    root, settings = base / "notebooks", base / "settings"
-    copy_notebooks_without_outputs(REPO / "notebooks", root)
+    root, settings = base / "book", base / "settings"
+    copy_notebooks_without_outputs(REPO / "notebooks", root / "notebooks")
+    mirror_repository(REPO, root)
     write_lab_settings(settings)
     server = start_lab(root, settings, base / "jupyterlab.log", {"FSO_FAST": "1"})
     request.addfinalizer(server.stop)
@@ -100,7 +101,7 @@ def test_slider_redraws_its_figure(page, lab, artifacts):
         pytest.skip(f"{SLIDER_NOTEBOOK} is not in notebooks/")
     widget_cell = None
     try:
-        open_notebook(page, lab, SLIDER_NOTEBOOK, workspace="slider")
+        open_notebook(page, lab, f"notebooks/{SLIDER_NOTEBOOK}", workspace="slider")
         _no_errors(page, SLIDER_NOTEBOOK, run_all_cells(page))
         widget_cell = page.locator(".jp-CodeCell", has=page.locator(".noUi-handle")).first
         widget_cell.scroll_into_view_if_needed()
@@ -126,7 +127,7 @@ def test_slider_redraws_its_figure(page, lab, artifacts):
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs_in_the_browser(page, lab, artifacts, name):
     try:
-        open_notebook(page, lab, name, workspace=re.sub(r"\W", "-", name))
+        open_notebook(page, lab, f"notebooks/{name}", workspace=re.sub(r"\W", "-", name))
         _no_errors(page, name, run_all_cells(page))
     except BaseException:
         _screenshot_failure(page, lab, artifacts, name)
