@@ -94,6 +94,7 @@ def plot_race(runs: list[Run], title: str | None = None, axes=None, log_y: bool 
     """Three panels in the style of thesis figures 6.1/6.2: train loss vs updates, train loss vs time,
     test loss vs time, log scales. A diverged run ends with a cross."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     if axes is None:
         fig, axes = plt.subplots(1, 3, figsize=(14, 4.0))
@@ -112,6 +113,7 @@ def plot_race(runs: list[Run], title: str | None = None, axes=None, log_y: bool 
         ax.set_xscale("log")
         if log_y:
             ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of log axes overlap
         ax.set_xlabel(x_label)
         ax.set_ylabel(f"{y_name} loss")
     axes[0].set_title("train loss vs updates")
