@@ -13,6 +13,9 @@ import numpy as np
 from ..plotting import method_color
 from .runner import read_records
 
+#: The committed results of the book (``data/results`` of the repository, wherever the notebook runs from).
+RESULTS_DIR = Path(__file__).resolve().parents[2] / "data" / "results"
+
 
 @dataclass
 class Run:
