@@ -18,6 +18,15 @@ from fso_lib.bench.tasks import CIFAR10Unavailable, load_cifar10, squared_error
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny networks: one thread is as fast, and much faster when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def small(method="sgd", **kwargs):
     defaults = dict(task="small_autoencoder", method=method, sample=True, batch_size=100, eval_every=10,
                     eval_schedule="linear", train_eval_size=300, progress=False)
