@@ -38,6 +38,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev, jvp, vjp
 
+from .errors import UnsupportedLayerError
 from .losses import Loss
 
 __all__ = [
@@ -66,10 +67,6 @@ __all__ = [
     "gauss_newton_vector_product",
     "fisher_vector_product",
 ]
-
-
-class UnsupportedLayerError(TypeError):
-    """A model contains a layer the exact curvature code does not handle."""
 
 
 class UnsupportedLossError(TypeError):

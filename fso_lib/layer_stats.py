@@ -23,6 +23,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .errors import UnsupportedLayerError
+
 __all__ = [
     "UnsupportedLayerError",
     "LayerCapture",
@@ -32,10 +34,6 @@ __all__ = [
     "augmented_second_moment",
     "gradient_second_moment",
 ]
-
-
-class UnsupportedLayerError(TypeError):
-    """The network holds a layer type that the chapter-6 statistics do not know how to handle."""
 
 
 def supported_linear_layers(model: nn.Module, require_bias: bool = True, extra_supported: Sequence[type] = ()) -> list[nn.Linear]:

@@ -6,7 +6,6 @@ layer-statistics hooks (chapter 6) can walk it layer by layer.
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
@@ -63,17 +62,15 @@ def linear_layers(model: nn.Module) -> list[nn.Linear]:
     return [m for m in model.modules() if isinstance(m, nn.Linear)]
 
 
-@torch.no_grad()
 def glorot_uniform_init_(model: nn.Module, scale: float = 1.0, generator: torch.Generator | None = None) -> nn.Module:
-    """Glorot/Xavier uniform weights times ``scale``, zero biases (thesis §2.4.2).
+    """Glorot/Xavier uniform weights (bound ``scale·sqrt(6 / (n_in + n_out))``), zero biases (thesis §2.4.2).
 
-    ``scale`` is the factor the thesis tunes with its hyperparameter search.
+    ``scale`` is the factor the thesis tunes with its hyperparameter search; in the variance notation of
+    :mod:`fso_lib.initialization` it is α = 2·scale².
     """
-    for layer in linear_layers(model):
-        bound = scale * math.sqrt(6.0 / (layer.in_features + layer.out_features))
-        layer.weight.uniform_(-bound, bound, generator=generator)
-        layer.bias.zero_()
-    return model
+    from .initialization import variance_scaling_init_  # that module builds on this one
+
+    return variance_scaling_init_(model, "glorot", alpha=2.0 * scale**2, generator=generator)
 
 
 @torch.no_grad()
