@@ -165,3 +165,25 @@ def test_chapter6_methods_resume_exactly(tmp_path, method):
     resumed = run(small(method, max_updates=15, name="part", **cfg), tmp_path, resume=True)
     reference = run(small(method, max_updates=15, name="whole", **cfg), tmp_path)
     assert _evals(resumed.results_path) == _evals(reference.results_path)
+
+
+def test_tune_range_narrows_the_declared_domain(tmp_path):
+    from fso_lib.bench.tune import RunObjective, tune
+    from fso_lib.search import SerialExecutor
+
+    seen = []
+
+    class Recording(RunObjective):
+        def __call__(self, params):
+            seen.append(params)
+            return {"cost": params["lr"]}
+
+    objective = Recording("small_autoencoder", "acp", str(tmp_path), max_updates=1,
+                          fixed={"init_scale": 1.0}, ranges={"lr": (0.01, 0.02), "damping": (0.5, 2.0)})
+    with SerialExecutor() as executor:
+        tune(objective, 6, executor, seed=0, method="random")
+    assert len(seen) == 6
+    assert all(0.01 <= p["lr"] <= 0.02 and 0.5 <= p["damping"] <= 2.0 and "init_scale" not in p for p in seen)
+    with pytest.raises(ValueError, match="not searched"):
+        tune(Recording("small_autoencoder", "sgd", str(tmp_path), max_updates=1, ranges={"damping": (0.1, 1.0)}), 1,
+             SerialExecutor())

@@ -40,6 +40,7 @@ class RunObjective:
     sample: bool | None = None
     threads: int | None = 1
     eval_every: int = 10**9  # evaluate only at the start and at the end: tuning needs the final loss
+    ranges: dict = field(default_factory=dict)  # name -> (low, high): narrows the method's declared domain
 
     def __call__(self, params: dict) -> dict:
         import torch
@@ -64,8 +65,15 @@ def tune(objective: RunObjective, n_trials: int, executor: Executor | None = Non
     """Search ``objective.method``'s domain (minus the ``fixed`` hyperparameters) with ``method``."""
     from ..search import Domain
 
+    from dataclasses import replace
+
     domain = get_method(objective.method).domain
-    domain = Domain([p for p in domain.params if p.name not in objective.fixed])
+    unknown = set(objective.ranges) - set(domain.names)
+    if unknown:
+        raise ValueError(f"--range names {sorted(unknown)} are not searched for {objective.method}: {domain.names}")
+    domain = Domain([replace(p, low=objective.ranges[p.name][0], high=objective.ranges[p.name][1])
+                     if p.name in objective.ranges else p
+                     for p in domain.params if p.name not in objective.fixed])
     return run_search(objective, domain, n_trials, method=method, seed=seed, executor=executor,
                       max_in_flight=max_in_flight, on_trial=on_trial)
 
@@ -89,6 +97,8 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=None)
     p.add_argument("--search", choices=("biased", "random", "grid"), default="biased")
     p.add_argument("--fix", action="append", default=[], metavar="NAME=VALUE", help="hold a hyperparameter fixed")
+    p.add_argument("--range", action="append", default=[], metavar="NAME=LOW:HIGH",
+                   help="search NAME in [LOW, HIGH] instead of the method's declared range (same scale)")
     p.add_argument("--workers", type=int, default=1, help="local processes (0: run trials in this process)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per trial")
     p.add_argument("--seed", type=int, default=0)
@@ -101,8 +111,13 @@ def main(argv=None) -> int:
     from .__main__ import _value
 
     fixed = {k: _value(v) for k, _, v in (item.partition("=") for item in args.fix)}
+    ranges = {}
+    for item in args.range:
+        name, _, bounds = item.partition("=")
+        low, _, high = bounds.partition(":")
+        ranges[name] = (float(low), float(high))
     objective = RunObjective(args.task, args.method, args.out, args.updates, args.seconds, fixed, args.seed,
-                             True if args.sample else None, args.threads)
+                             True if args.sample else None, args.threads, ranges=ranges)
 
     def report(trial):
         shown = ", ".join(f"{k}={v:.3g}" for k, v in trial.params.items())
@@ -117,7 +132,7 @@ def main(argv=None) -> int:
         print("every trial diverged: nothing written", file=sys.stderr)
         return 1
     merge_tuned(Path(args.tuned), args.task, args.method, {**fixed, **best.params},
-                {"cost": best.cost, "trials": args.trials, "search": args.search,
+                {"cost": best.cost, "trials": args.trials, "search": args.search, "ranges": ranges,
                  "budget": {"updates": args.updates, "seconds": args.seconds}})
     print(f"best {args.method}: {best.params} (train loss {best.cost:.4g}) -> {args.tuned}")
     return 0
