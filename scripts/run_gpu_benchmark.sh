@@ -13,7 +13,7 @@
 #   CAP_SECONDS  wall-clock cap for the whole command, evaluations included [3000]
 #   PARALLEL     runs at once on the GPU [number of methods]; 1 gives uncontended timings
 #   METHODS      space-separated method names [all ten]
-#   TUNED        tuned-hyperparameters JSON {autoencoder: {method: {...}}} [data/results/tuned_gpu.json if present]
+#   TUNED        tuned-hyperparameters JSON {autoencoder: {method: {...}}} [data/results/tuned_gpu.json, else data/results/tuned_cpu.json, if present]
 #   DEVICE       [cuda]   TASK [autoencoder]   SEED [0]   EVAL_EVERY [1000]   PYTHON [python]
 #   EXTRA        extra arguments for every run, e.g. "--sample --train-eval-size 500" for a dry run
 set -uo pipefail
@@ -31,6 +31,8 @@ EVAL_EVERY=${EVAL_EVERY:-1000}
 PYTHON=${PYTHON:-python}
 EXTRA=${EXTRA:-}
 if [ -z "${TUNED:-}" ] && [ -f data/results/tuned_gpu.json ]; then TUNED=data/results/tuned_gpu.json; fi
+# otherwise the hyperparameters tuned on the CPU (biased random search, see data/results/cpu/README.md)
+if [ -z "${TUNED:-}" ] && [ -f data/results/tuned_cpu.json ]; then TUNED=data/results/tuned_cpu.json; fi
 mkdir -p "$OUT/logs"
 DEADLINE=$(( $(date +%s) + CAP_SECONDS ))
 
