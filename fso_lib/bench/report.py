@@ -63,10 +63,12 @@ def load_run(path: str | Path) -> Run:
                end["status"] if end else "partial")
 
 
-def load_runs(folder: str | Path, task: str | None = None) -> list[Run]:
-    """All results files under ``folder`` (recursively), optionally only those of ``task``."""
+def load_runs(folder: str | Path, task: str | None = None, recursive: bool = True) -> list[Run]:
+    """All results files under ``folder`` (in its subfolders too when ``recursive``; tuning trials live in
+    subfolders), optionally only those of ``task``."""
     runs = []
-    for path in sorted(Path(folder).rglob("*.jsonl")):
+    pattern = Path(folder).rglob if recursive else Path(folder).glob
+    for path in sorted(pattern("*.jsonl")):
         try:
             run = load_run(path)
         except (ValueError, KeyError):
