@@ -10,6 +10,7 @@ The path helpers iterate one update rule from a start point and return the visit
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 
 import numpy as np
 
@@ -29,7 +30,7 @@ __all__ = [
 ]
 
 
-class Function2D:
+class Function2D(ABC):
     """Base class of the 2-D test functions."""
 
     name = "function"
@@ -39,14 +40,17 @@ class Function2D:
     #: Known minimizers (for plots and tests).
     minimizers: tuple[tuple[float, float], ...] = ()
 
-    def value(self, x, y):  # pragma: no cover
-        raise NotImplementedError
+    @abstractmethod
+    def value(self, x, y):
+        """Implemented by each function."""
 
-    def gradient(self, p) -> np.ndarray:  # pragma: no cover
-        raise NotImplementedError
+    @abstractmethod
+    def gradient(self, p) -> np.ndarray:
+        """Implemented by each function."""
 
-    def hessian(self, p) -> np.ndarray:  # pragma: no cover
-        raise NotImplementedError
+    @abstractmethod
+    def hessian(self, p) -> np.ndarray:
+        """Implemented by each function."""
 
     def __call__(self, p) -> float:
         return float(self.value(float(p[0]), float(p[1])))

@@ -30,6 +30,8 @@ Conventions
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 import torch.nn.functional as F
 
@@ -65,7 +67,7 @@ def _class_targets(target: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
     return _as_matrix(target).to(output.dtype)
 
 
-class Loss:
+class Loss(ABC):
     """Base class: a per-example negative log-likelihood ``l(f, y)`` of the network output ``f``."""
 
     #: A short name used in figure legends and widget menus.
@@ -80,20 +82,25 @@ class Loss:
         """The empirical risk ``(1/n) Σ_i l(f_i, y_i)`` (thesis §1.2)."""
         return self.per_example(output, target).mean()
 
-    def per_example(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
+    @abstractmethod
+    def per_example(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Implemented by each loss."""
 
-    def output_gradient(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
+    @abstractmethod
+    def output_gradient(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Implemented by each loss."""
 
-    def output_hessian(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
+    @abstractmethod
+    def output_hessian(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Implemented by each loss."""
 
-    def fisher_output_matrix(self, output: torch.Tensor) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
+    @abstractmethod
+    def fisher_output_matrix(self, output: torch.Tensor) -> torch.Tensor:
+        """Implemented by each loss."""
 
-    def sample_target(self, output: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
+    @abstractmethod
+    def sample_target(self, output: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Implemented by each loss."""
 
     def output_hessian_product(self, output: torch.Tensor, target: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
         """``(∂²l/∂f²)_i v_i`` for each row ``v_i`` of ``vectors`` ``(n, k)``, without the ``(n, k, k)`` tensor."""

@@ -80,9 +80,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     def _layer_params(self, layer: nn.Module) -> list[torch.Tensor]:
         return [layer.weight, layer.bias]
 
-    def _layer_update(self, k: int, group: dict, h, g):  # pragma: no cover - abstract
-        """Return the descent directions (dW, db) of layer ``k``; the step is ``−lr · direction``."""
-        raise NotImplementedError
+    def _layer_update(self, k: int, group: dict, h, g):
+        """Return the descent directions (dW, db) of layer ``k``; the step is ``−lr · direction``.
+        Every subclass defines it."""
+        raise TypeError(f"{type(self).__name__} does not define _layer_update.")
 
     def _before_updates(self) -> None:
         """Called once per step before the layer updates (e.g. refresh amortized inverses)."""
@@ -104,7 +105,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             self.capture.inputs, self.capture.grads = saved_inputs, saved_grads
 
     def _collect_statistics(self, x: torch.Tensor) -> None:
-        raise NotImplementedError(f"{type(self).__name__} uses no statistics minibatch.")
+        raise TypeError(f"{type(self).__name__} uses no statistics minibatch: do not call update_statistics on it.")
 
     # -- the update ---------------------------------------------------------------------------------
     def _captured(self, k: int):
