@@ -153,10 +153,9 @@ FUNCTIONS = {
 
 def get_function(name: str, **kwargs) -> Function2D:
     """A test function by short name (a key of :data:`FUNCTIONS`)."""
-    try:
-        return FUNCTIONS[name](**kwargs)
-    except KeyError:
-        raise ValueError(f"Unknown function {name!r}; choose one of {sorted(FUNCTIONS)}.") from None
+    if name not in FUNCTIONS:
+        raise ValueError(f"Unknown function {name!r}; choose one of {sorted(FUNCTIONS)}.")
+    return FUNCTIONS[name](**kwargs)
 
 
 def grid_values(function: Function2D, n: int = 200, bounds=None):

@@ -351,7 +351,6 @@ LOSSES = {
 
 def get_loss(name: str, **kwargs) -> Loss:
     """A loss object from its short name (a key of :data:`LOSSES`)."""
-    try:
-        return LOSSES[name](**kwargs)
-    except KeyError:
-        raise ValueError(f"Unknown loss {name!r}; choose one of {sorted(LOSSES)}.") from None
+    if name not in LOSSES:
+        raise ValueError(f"Unknown loss {name!r}; choose one of {sorted(LOSSES)}.")
+    return LOSSES[name](**kwargs)
