@@ -1,6 +1,7 @@
 """The book in a real browser: JupyterLab in headless Chromium, driven by Playwright.
 
-1. A slider of an ipywidgets control redraws the figure it drives.
+1. A slider of an ipywidgets control redraws the figure it drives: the first slider of 01, and in every
+   notebook the widget cell marked with the line ``# browser-test: this widget redraws its figure``.
 2. Every notebook of ``notebooks/`` (found when the tests are collected) runs in fast mode in JupyterLab
    without an error output and with every widget displayed.
 
@@ -10,6 +11,7 @@ where they fail: CI must install them (see ``.ci/run``). Screenshots of failures
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -26,6 +28,20 @@ pytestmark = pytest.mark.browser
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted(path.name for path in (REPO / "notebooks").glob("*.ipynb"))
 SLIDER_NOTEBOOK = "01_neural_networks.ipynb"
+WIDGET_MARKER = "# browser-test: this widget redraws its figure"
+
+
+def _marked_widget_notebooks() -> list[str]:
+    """Notebooks with a code cell carrying WIDGET_MARKER (read at collection time)."""
+    marked = []
+    for name in NOTEBOOKS:
+        cells = json.loads((REPO / "notebooks" / name).read_text())["cells"]
+        if any(c["cell_type"] == "code" and WIDGET_MARKER in "".join(c["source"]) for c in cells):
+            marked.append(name)
+    return marked
+
+
+MARKED_NOTEBOOKS = _marked_widget_notebooks()
 WIDGET_ERRORS = re.compile(r"Error displaying widget|Error rendering|model not found|"
                            r"^(VBox|HBox|interactive|Output)\(.*(children|outputs)=", re.MULTILINE)
 TRACEBACK = "Traceback (most recent call last)"
@@ -96,6 +112,25 @@ def _no_errors(page, name: str, prompts: list[str]) -> None:
     assert not broken, f"{name}: a widget was not displayed: {broken[0][:500]}"
 
 
+def _press_slider_and_wait_for_redraw(widget_cell, timeout_s: float = 30) -> None:
+    """Focus the first slider handle in ``widget_cell``, press ArrowRight, wait until its figure changes."""
+    widget_cell.scroll_into_view_if_needed()
+    figure = widget_cell.locator(".jp-OutputArea-output img").first
+    figure.wait_for(state="visible")
+    before = figure.get_attribute("src")
+    handle = widget_cell.locator(".noUi-handle").first
+    handle.focus()
+    handle.press("ArrowRight")
+    deadline = time.monotonic() + timeout_s
+    after = before
+    while time.monotonic() < deadline and after == before:
+        time.sleep(0.25)
+        current = widget_cell.locator(".jp-OutputArea-output img").first
+        if current.count():
+            after = current.get_attribute("src")
+    assert after != before, "moving the slider did not redraw the figure (image source unchanged)"
+
+
 def test_slider_redraws_its_figure(page, lab, artifacts):
     if SLIDER_NOTEBOOK not in NOTEBOOKS:
         pytest.skip(f"{SLIDER_NOTEBOOK} is not in notebooks/")
@@ -104,23 +139,24 @@ def test_slider_redraws_its_figure(page, lab, artifacts):
         open_notebook(page, lab, f"notebooks/{SLIDER_NOTEBOOK}", workspace="slider")
         _no_errors(page, SLIDER_NOTEBOOK, run_all_cells(page))
         widget_cell = page.locator(".jp-CodeCell", has=page.locator(".noUi-handle")).first
-        widget_cell.scroll_into_view_if_needed()
-        figure = widget_cell.locator(".jp-OutputArea-output img").first
-        figure.wait_for(state="visible")
-        before = figure.get_attribute("src")
-        handle = widget_cell.locator(".noUi-handle").first
-        handle.focus()
-        handle.press("ArrowRight")
-        deadline = time.monotonic() + 30
-        after = before
-        while time.monotonic() < deadline and after == before:
-            time.sleep(0.25)
-            current = widget_cell.locator(".jp-OutputArea-output img").first
-            if current.count():
-                after = current.get_attribute("src")
-        assert after != before, "moving the slider did not redraw the figure (image source unchanged)"
+        _press_slider_and_wait_for_redraw(widget_cell)
     except BaseException:
         _screenshot_failure(page, lab, artifacts, "slider", element=widget_cell)
+        raise
+
+
+@pytest.mark.parametrize("name", MARKED_NOTEBOOKS)
+def test_marked_widget_redraws_its_figure(page, lab, artifacts, name):
+    """The widget cell a chapter marks (03b's training race, 06c's damping explorer, 07's results explorer)."""
+    widget_cell = None
+    try:
+        open_notebook(page, lab, f"notebooks/{name}", workspace="marked-" + re.sub(r"\W", "-", name))
+        _no_errors(page, name, run_all_cells(page))
+        widget_cell = page.locator(".jp-CodeCell", has_text=WIDGET_MARKER).first
+        widget_cell.locator(".noUi-handle").first.wait_for(state="attached")
+        _press_slider_and_wait_for_redraw(widget_cell)
+    except BaseException:
+        _screenshot_failure(page, lab, artifacts, "marked-" + name, element=widget_cell)
         raise
 
 
