@@ -223,3 +223,180 @@ def rank_agreement(ours: list[str], reference: dict[str, float]) -> tuple[int, i
             total += 1
             agree += reference[a] < reference[b]  # ``ours`` lists a before b: a was better for us
     return agree, total
+
+
+# ----------------------------------------------------------------------------- tables as tables
+def _table_cell(value, digits: int = 3) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "·"
+        if math.isinf(value):
+            return "never"
+        return f"{value:.{digits}g}" if abs(value) < 1e4 else f"{value:.0f}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict], digits: int = 3, columns: list[str] | None = None) -> str:
+    """The rows as a Markdown table (for ``IPython.display.Markdown``), same cell format as
+    :func:`format_table`: NaN as '·' (not reached in the run's budget), inf as 'never'."""
+    if not rows:
+        return "*(no runs)*"
+    columns = columns or list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |",
+             "|" + "|".join("---" if k == 0 else "---:" for k in range(len(columns))) + "|"]
+    for row in rows:
+        cells = [_table_cell(row.get(c), digits).replace("|", "\\|") for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- provenance
+def tuning_provenance(set_folder: str | Path, method: str, task: str = "autoencoder") -> dict:
+    """How much tuning a result set's ``method`` had, read from the search files the tuner wrote
+    (``tuning*/search-TASK-METHOD.jsonl`` under ``set_folder``): number of searches, trials in all, the
+    longest trial in updates, and the best cost. ``searches == 0`` when the set holds no tuning record."""
+    searches = sorted(Path(set_folder).glob(f"tuning*/search-{task}-{method}.jsonl"))
+    trials = [r for path in searches for r in read_records(path) if r.get("type") == "trial"]
+    updates = [r.get("info", {}).get("updates") for r in trials]
+    updates = [u for u in updates if u is not None]
+    costs = [r["cost"] for r in trials if r.get("cost") is not None and math.isfinite(r["cost"])]
+    return {"searches": len(searches), "trials": len(trials),
+            "updates_per_trial": max(updates) if updates else None,
+            "best_cost": min(costs) if costs else math.nan}
+
+
+def seeds_per_method(runs: list[Run]) -> dict[str, int]:
+    """Number of distinct seeds each method was run with in ``runs``."""
+    seeds: dict[str, set] = {}
+    for run in runs:
+        seeds.setdefault(run.method, set()).add(run.header["config"].get("seed"))
+    return {method: len(s) for method, s in seeds.items()}
+
+
+# ----------------------------------------------------------------------------- the explorer
+#: The two x axes of the benchmark: run attribute and axis label.
+X_AXES = {"time": ("times", "training time (s)"), "updates": ("updates", "updates")}
+
+
+def curve(run: Run, x_axis: str = "time", which: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """The run's (x, loss) points for a log-x plot: ``x_axis`` 'time' (training seconds) or 'updates',
+    ``which`` 'train' or 'test'; points at x = 0 and non-finite losses are dropped."""
+    if x_axis not in X_AXES:
+        raise ValueError(f"x_axis must be one of {sorted(X_AXES)}, not {x_axis!r}")
+    if which not in ("train", "test"):
+        raise ValueError(f"which must be 'train' or 'test', not {which!r}")
+    x, y = getattr(run, X_AXES[x_axis][0]), getattr(run, which)
+    keep = (x > 0) & np.isfinite(y)
+    return x[keep], y[keep]
+
+
+def loss_at(run: Run, x: float, x_axis: str = "time", which: str = "train") -> float:
+    """The loss at the last evaluation at or before ``x`` (seconds or updates); NaN if the run ended
+    before ``x`` without diverging, inf if it had diverged by then."""
+    if x_axis == "time":
+        return loss_at_time(run, x, which)
+    xs, y = getattr(run, X_AXES[x_axis][0]), getattr(run, which)
+    inside = xs <= x
+    if not inside.any() or (xs[-1] < x and run.status != "diverged"):
+        return math.nan
+    value = y[inside][-1]
+    return math.inf if not np.isfinite(value) else float(value)
+
+
+@dataclass
+class Band:
+    """One method's curve over its seeds: the median loss with the min–max band, on a common x grid."""
+
+    method: str
+    label: str
+    x: np.ndarray
+    median: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    n_runs: int
+    diverged: int  # how many of the runs diverged
+
+
+def seed_band(runs: list[Run], x_axis: str = "time", which: str = "train") -> Band:
+    """Median and min–max over the runs of one method (its seeds), at every x where all runs have a point:
+    each run is interpolated linearly onto the union of their x values inside the range they share."""
+    if not runs:
+        raise ValueError("seed_band needs at least one run")
+    if len({r.method for r in runs}) != 1:
+        raise ValueError("seed_band combines the seeds of one method; got " + ", ".join(sorted({r.method for r in runs})))
+    curves = [curve(r, x_axis, which) for r in runs]
+    curves = [(x, y) for x, y in curves if len(x)]
+    if not curves:
+        empty = np.array([])
+        return Band(runs[0].method, runs[0].label, empty, empty, empty, empty, len(runs),
+                    sum(r.status == "diverged" for r in runs))
+    start, end = max(x[0] for x, _ in curves), min(x[-1] for x, _ in curves)
+    grid = np.unique(np.concatenate([x[(x >= start) & (x <= end)] for x, _ in curves]))
+    values = np.array([np.interp(grid, x, y) for x, y in curves])
+    return Band(runs[0].method, runs[0].label, grid, np.median(values, axis=0), values.min(axis=0),
+                values.max(axis=0), len(curves), sum(r.status == "diverged" for r in runs))
+
+
+def method_bands(runs: list[Run], x_axis: str = "time", which: str = "train",
+                 methods: list[str] | None = None) -> list[Band]:
+    """One :class:`Band` per method (all its seeds), in the order of ``methods`` (default: by name)."""
+    by_method: dict[str, list[Run]] = {}
+    for run in runs:
+        by_method.setdefault(run.method, []).append(run)
+    names = [m for m in (methods if methods is not None else sorted(by_method)) if m in by_method]
+    return [seed_band(by_method[m], x_axis, which) for m in names]
+
+
+def band_value_at(band: Band, x: float) -> float:
+    """The band's median at the last grid point at or before ``x`` (NaN before its first point or, for a
+    band that did not diverge, past its last point)."""
+    inside = band.x <= x
+    if not inside.any() or (band.x[-1] < x and not band.diverged):
+        return math.nan
+    return float(band.median[inside][-1])
+
+
+def plot_explorer(runs: list[Run], methods: list[str] | None = None, x_axis: str = "time",
+                  which: str = "train", log_y: bool = True, read_at: float | None = None, ax=None,
+                  title: str | None = None):
+    """The results explorer's figure: per method the median over its seeds (a shaded min–max band when it
+    has several), log x; a dashed vertical line at ``read_at`` (a fraction of the x range every shown
+    method reached) and the legend, outside the axes, ranking the methods by their loss there."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(9.0, 4.2))
+    bands = [b for b in method_bands(runs, x_axis, which, methods) if len(b.x)]
+    reach = min((b.x[-1] for b in bands if not b.diverged), default=max((b.x[-1] for b in bands), default=1.0))
+    x_read = None if read_at is None else read_at * reach
+    entries = []
+    for band in bands:
+        color = method_color(band.method)
+        (line,) = ax.plot(band.x, band.median, color=color, lw=1.6)
+        if band.n_runs > 1:
+            ax.fill_between(band.x, band.low, band.high, color=color, alpha=0.2, lw=0)
+        if band.diverged:
+            ax.plot(band.x[-1], band.median[-1], "x", color=color, ms=8)
+        value = band_value_at(band, x_read) if x_read is not None else math.nan
+        seeds = f", {band.n_runs} seeds" if band.n_runs > 1 else ""
+        reading = f"  {value:.3g}" if x_read is not None else ""
+        entries.append((value if math.isfinite(value) else math.inf, line,
+                        f"{band.label}{seeds}{' (diverged)' if band.diverged else ''}{reading}"))
+    if x_read is not None:
+        ax.axvline(x_read, color="0.3", ls="--", lw=1)
+        entries.sort(key=lambda e: e[0])
+    ax.set_xscale("log")
+    if log_y:
+        ax.set_yscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel(X_AXES[x_axis][1])
+    ax.set_ylabel(f"{which} loss (squared error)")
+    if entries:
+        heading = (f"{which} loss at {x_read:.3g} {'s' if x_axis == 'time' else 'updates'}"
+                   if x_read is not None else None)
+        ax.legend([e[1] for e in entries], [e[2] for e in entries], loc="upper left",
+                  bbox_to_anchor=(1.02, 1.0), title=heading, fontsize=8, title_fontsize=8)
+    if title:
+        ax.set_title(title)
+    return ax, {b.method: band_value_at(b, x_read) for b in bands} if x_read is not None else {}
