@@ -115,6 +115,31 @@ def _check_loss(loss) -> None:
         )
 
 
+def _check_finite(tensor: torch.Tensor, what: str) -> None:
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{what} contains non-finite values (NaN or inf): every curvature matrix computed from "
+                         f"it would be NaN. Check the minibatch (and the parameters) before computing curvature.")
+
+
+def _check_inputs(model: nn.Module, loss, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+    """Clear errors before any differentiation: non-finite data or parameters, a target of the wrong
+    shape, outputs outside the loss's domain (a probability loss given logits)."""
+    _check_loss(loss)
+    _check_finite(x, "The input x")
+    if y is not None:
+        _check_finite(y, "The target y")
+    for name, parameter in model.named_parameters():
+        _check_finite(parameter.detach(), f"The model's parameter {name!r}")
+    if x.dim() < 1 or (y is not None and y.dim() >= 1 and y.shape[0] != x.shape[0]):
+        raise ValueError(f"x has {x.shape[0]} rows but the target y has shape {tuple(y.shape)}: expected one "
+                         f"target row per example, i.e. y of shape ({x.shape[0]}, k) (or ({x.shape[0]},) class labels).")
+    with torch.no_grad():
+        output = model(x)
+    output = output.unsqueeze(1) if output.dim() == 1 else output
+    _check_finite(output, "The network's output")
+    loss.check(output, y)
+
+
 # ----------------------------------------------------------------------------- layout
 
 
@@ -240,7 +265,8 @@ def _functional(model: nn.Module) -> tuple[ParameterLayout, torch.Tensor, Callab
 
 
 def _risk(model, loss, x, y):
-    _check_loss(loss)
+    _check_model(model)
+    _check_inputs(model, loss, x, y)
     layout, theta, forward = _functional(model)
     return theta, (lambda flat: loss.value(forward(flat, x), y))
 
@@ -266,7 +292,8 @@ def _outputs_and_jacobian(model, x):
 
 def per_example_gradients(model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``g_i = J_iᵀ (∂l/∂f)_i``: the gradient of each example's loss, shape ``(n, P)``."""
-    _check_loss(loss)
+    _check_model(model)
+    _check_inputs(model, loss, x, y)
     outputs, jac = _outputs_and_jacobian(model, x)
     return torch.einsum("nk,nkp->np", loss.output_gradient(outputs, y), jac)
 
@@ -291,7 +318,8 @@ def gauss_newton(model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Tensor)
     It depends on where the network ends and the loss begins: with a probability loss after a
     sigmoid/softmax layer ``J`` is the Jacobian of the probabilities, with a logits loss that of the logits.
     """
-    _check_loss(loss)
+    _check_model(model)
+    _check_inputs(model, loss, x, y)
     outputs, jac = _outputs_and_jacobian(model, x)
     return _sandwich(jac, loss.output_hessian(outputs, y))
 
@@ -302,7 +330,8 @@ def fisher(model: nn.Module, loss: Loss, x: torch.Tensor) -> torch.Tensor:
     The expectation over ``y ~ p_θ(y|x_i)`` is taken in closed form (thesis §3.2.3, Table 3.II, appendix B);
     the one over ``x`` is the average over the rows of ``x``. No target is needed.
     """
-    _check_loss(loss)
+    _check_model(model)
+    _check_inputs(model, loss, x)
     outputs, jac = _outputs_and_jacobian(model, x)
     return _sandwich(jac, loss.fisher_output_matrix(outputs))
 
@@ -311,7 +340,8 @@ def monte_carlo_fisher(
     model: nn.Module, loss: Loss, x: torch.Tensor, n_samples: int, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """``(1/(n S)) Σ_i Σ_s g_is g_isᵀ`` with targets ``y_is ~ p_θ(y|x_i)``: the definition of the Fisher (§3.2.1)."""
-    _check_loss(loss)
+    _check_model(model)
+    _check_inputs(model, loss, x)
     outputs, jac = _outputs_and_jacobian(model, x)
     n, k = outputs.shape
     total = torch.zeros(jac.shape[2], jac.shape[2], dtype=jac.dtype, device=jac.device)
@@ -408,11 +438,13 @@ def _sandwich_product(model, x, vector, middle_product):
 
 def gauss_newton_vector_product(model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Tensor, vector) -> torch.Tensor:
     """``G v = (1/n) Σ_i J_iᵀ (∂²l/∂f²)_i (J_i v)`` without forming ``G`` (Schraudolph 2002)."""
-    _check_loss(loss)
+    _check_model(model)
+    _check_inputs(model, loss, x, y)
     return _sandwich_product(model, x, vector, lambda f, jv: loss.output_hessian_product(f, y, jv))
 
 
 def fisher_vector_product(model: nn.Module, loss: Loss, x: torch.Tensor, vector) -> torch.Tensor:
     """``F v = (1/n) Σ_i J_iᵀ D_i (J_i v)`` without forming ``F``."""
-    _check_loss(loss)
+    _check_model(model)
+    _check_inputs(model, loss, x)
     return _sandwich_product(model, x, vector, lambda f, jv: loss.fisher_output_product(f, jv))

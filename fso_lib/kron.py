@@ -101,8 +101,23 @@ def preactivation_jacobians(model: nn.Module, x: torch.Tensor):
 
     Returns ``(output, inputs, jacobians)``: ``inputs[l]`` is (n, n_in_l) and ``jacobians[l]`` is
     (n, d, n_out_l), with d the number of network outputs. One backward pass per output unit:
-    meant for the small networks of the notebooks and tests.
+    meant for the small networks of the notebooks and tests. The parameters' ``.grad`` are left as they
+    were before the call (the backward passes would otherwise add to them).
     """
+    saved_grads = [(p, p.grad) for p in model.parameters()]
+    for p, _ in saved_grads:
+        p.grad = None
+    try:
+        output, inputs, rows = _capture_jacobian_rows(model, x)
+    finally:
+        for p, grad in saved_grads:
+            p.grad = grad
+    # examples are independent, so ∂(Σ_i f_k(x_i))/∂a_i = ∂f_k(x_i)/∂a_i
+    jacobians = [torch.stack(r, dim=1) for r in rows]
+    return output.detach(), inputs, jacobians
+
+
+def _capture_jacobian_rows(model: nn.Module, x: torch.Tensor):
     with LayerCapture(model) as capture:
         output = model(x)
         d = output.shape[1]
@@ -113,10 +128,7 @@ def preactivation_jacobians(model: nn.Module, x: torch.Tensor):
             for l, g in enumerate(capture.grads):
                 rows[l].append(g)
         inputs = list(capture.inputs)
-    # examples are independent, so ∂(Σ_i f_k(x_i))/∂a_i = ∂f_k(x_i)/∂a_i
-    jacobians = [torch.stack(r, dim=1) for r in rows]
-    model.zero_grad(set_to_none=True)
-    return output.detach(), inputs, jacobians
+    return output, inputs, rows
 
 
 def backward_factors(jac_a: torch.Tensor, output_hessians: torch.Tensor | None = None) -> torch.Tensor:
@@ -143,10 +155,17 @@ def factored_block(h: torch.Tensor, b_factors: torch.Tensor, kind: str = "sum_of
 
     ``h`` (n, n_in) are the layer inputs, ``b_factors`` (n, n_out, n_out) the backward factors
     ``B_i`` of :func:`backward_factors`, and ``A_i = [h_i; 1][h_i; 1]ᵀ``. ``kind`` is one of
-    :data:`APPROXIMATIONS`. For ``"acp"``, ``alpha`` defaults to the mean of ``tr(B_i) / n_out``
-    (the α that matches the block's trace).
+    :data:`APPROXIMATIONS`. For ``"acp"``, ``alpha`` defaults to ``tr(B̄) / n_out`` with ``B̄`` the mean
+    of the ``B_i``: the α for which the ACP block has the trace of the *K-FAC* block ``Ā ⊗ B̄``. The
+    exact block's trace, ``(1/n) Σ_i tr(A_i) tr(B_i)``, differs from it unless ``tr(B_i)`` does not
+    depend on ``i``.
     """
+    if h.dim() != 2:
+        raise ValueError(f"h must hold the layer inputs as an (n, n_in) matrix; got shape {tuple(h.shape)}.")
     n = h.shape[0]
+    if b_factors.dim() != 3 or b_factors.shape[0] != n or b_factors.shape[1] != b_factors.shape[2]:
+        raise ValueError(f"b_factors must be (n, n_out, n_out) with n = {n}, the rows of h (one backward factor "
+                         f"per example); got shape {tuple(b_factors.shape)}.")
     if kind == "sum_of_kronecker":
         ha = augment(h)
         # Σ_i (a_i a_iᵀ) ⊗ B_i  with entries [c·o + r, c'·o + r'] = a_c a_c' B[r, r']

@@ -25,8 +25,15 @@ Conventions
   the loss: ``BinaryCrossEntropyWithLogits()(z, y) == BinaryCrossEntropy()(sigmoid(z), y)`` and
   ``CrossEntropyWithLogits()(z, y) == CrossEntropy()(softmax(z), y)``; they are numerically sound for
   large logits and their output Hessian equals their Fisher ``D`` (*canonical* link, thesis §3.3.2).
-* Class targets of the multiclass losses may be given as integer labels ``(n,)`` or as probability rows
-  ``(n, k)`` (one-hot or soft).
+* Targets must match the output: ``(n, k)`` like the output (a 1-D ``(n,)`` target only when ``k = 1``).
+  Class targets of the multiclass losses are either integer labels of shape ``(n,)`` or float
+  probability rows ``(n, k)`` (one-hot or soft). Any other shape (``(1, k)``, float ``(n,)``, integer
+  ``(n, 1)``, a different number of rows) raises ``ValueError`` naming the expected shape: broadcasting
+  would otherwise give a silently wrong value and curvature.
+* The probability forms check that the output is a probability (every entry in ``(0, 1)``, rows of
+  :class:`CrossEntropy` summing to 1) and raise ``ValueError`` otherwise: their formulas mean nothing
+  outside, and the Fisher of a negative "probability" has negative eigenvalues. The check is skipped
+  inside ``torch.func`` transforms (where it cannot run); :mod:`fso_lib.curvature` runs it before.
 """
 from __future__ import annotations
 
@@ -60,11 +67,81 @@ def _diag(values: torch.Tensor) -> torch.Tensor:
     return torch.diag_embed(values)
 
 
-def _class_targets(target: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-    """Integer labels ``(n,)`` become one-hot rows; probability rows ``(n, k)`` pass through."""
-    if target.dim() == 1 and not torch.is_floating_point(target):
-        return F.one_hot(target.long(), output.shape[1]).to(output.dtype)
-    return _as_matrix(target).to(output.dtype)
+def _shape(t: torch.Tensor) -> str:
+    return str(tuple(t.shape))
+
+
+def _matching_target(target: torch.Tensor, output: torch.Tensor, loss_name: str) -> torch.Tensor:
+    """The target as a float ``(n, k)`` matrix of the output's shape; any other shape is refused."""
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"{loss_name}: the target must be a tensor, got {type(target).__name__}.")
+    n, k = output.shape
+    if target.dim() == 1 and k == 1:
+        target = target.unsqueeze(1)
+    if tuple(target.shape) != (n, k):
+        hint = ""
+        if target.dim() == 1:
+            hint = " A 1-D target is read as a column only when the output has one column (k = 1)."
+        elif target.dim() == 2 and target.shape[0] != n:
+            hint = f" The target has {target.shape[0]} rows for {n} outputs: one target row per example."
+        raise ValueError(f"{loss_name}: expected a target of shape (n, k) = ({n}, {k}), the output's shape; "
+                         f"got {_shape(target)}.{hint}")
+    return target.to(output.dtype)
+
+
+def _class_targets(target: torch.Tensor, output: torch.Tensor, loss_name: str) -> torch.Tensor:
+    """Integer labels ``(n,)`` become one-hot rows; float probability rows ``(n, k)`` pass through.
+
+    Everything else is refused: float labels ``(n,)`` or integer ``(n, 1)`` columns would broadcast.
+    """
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"{loss_name}: the target must be a tensor, got {type(target).__name__}.")
+    n, k = output.shape
+    if not torch.is_floating_point(target):
+        if target.dtype == torch.bool or target.dim() != 1 or target.shape[0] != n:
+            raise ValueError(
+                f"{loss_name}: integer class labels must have shape (n,) = ({n},); got {target.dtype} "
+                f"{_shape(target)}. Probability (one-hot or soft) rows must be a float tensor of shape ({n}, {k})."
+            )
+        return F.one_hot(target.long(), k).to(output.dtype)
+    if tuple(target.shape) != (n, k):
+        raise ValueError(
+            f"{loss_name}: a float target must hold probability rows of shape (n, k) = ({n}, {k}); got "
+            f"{_shape(target)}. Class labels must be an integer tensor of shape ({n},)."
+        )
+    return target.to(output.dtype)
+
+
+def _inside_transform(t: torch.Tensor) -> bool:
+    """True inside ``torch.func`` transforms, where data-dependent checks cannot run."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def _check_probabilities(output: torch.Tensor, loss_name: str, simplex: bool) -> torch.Tensor:
+    """Refuse outputs that are not probabilities (one host synchronization; skipped inside ``torch.func``).
+
+    Binary outputs must lie in the open interval ``(0, 1)``; class probabilities in ``(0, 1]`` with rows
+    summing to 1 (a saturated softmax row may hold an exact 1).
+    """
+    if _inside_transform(output):
+        return output
+    values = output.detach()
+    inside = (values > 0) & ((values <= 1) if simplex else (values < 1))
+    if not bool(inside.all()):
+        if not bool(torch.isfinite(values).all()):
+            found = "non-finite values"
+        else:
+            found = f"values in [{float(values.min()):.4g}, {float(values.max()):.4g}]"
+        interval, logits = ("(0, 1]", "CrossEntropyWithLogits") if simplex else ("(0, 1)", "BinaryCrossEntropyWithLogits")
+        raise ValueError(f"{loss_name} takes probabilities, every output in {interval}; got {found}. "
+                         f"For logits (before the {'softmax' if simplex else 'sigmoid'}) use {logits}.")
+    if simplex:
+        tolerance = 10 * torch.finfo(values.dtype).eps ** 0.5
+        worst = float((values.sum(dim=1) - 1).abs().max())
+        if worst > tolerance:
+            raise ValueError(f"{loss_name} takes rows of class probabilities (after a softmax) that sum to 1; a row "
+                             f"is off by {worst:.3g}. For logits use CrossEntropyWithLogits.")
+    return output
 
 
 class Loss(ABC):
@@ -111,8 +188,18 @@ class Loss(ABC):
         return torch.einsum("nkl,nl->nk", self.fisher_output_matrix(output), _as_matrix(vectors))
 
     def target_matrix(self, target: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        """The target as a float ``(n, k)`` matrix matching ``output``."""
-        return _as_matrix(target).to(output.dtype)
+        """The target as a float ``(n, k)`` matrix matching ``output`` (``ValueError`` for any other shape)."""
+        return _matching_target(target, _as_matrix(output), type(self).__name__)
+
+    def check_output(self, output: torch.Tensor) -> torch.Tensor:
+        """``output`` as an ``(n, k)`` matrix, after checking it lies where the loss is defined."""
+        return _as_matrix(output)
+
+    def check(self, output: torch.Tensor, target: torch.Tensor | None = None) -> None:
+        """Raise ``ValueError`` if ``output`` (and ``target``, if given) are not valid for this loss."""
+        output = self.check_output(output)
+        if target is not None:
+            self.target_matrix(target, output)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -149,6 +236,7 @@ class SquaredError(Loss):
 
     def output_hessian(self, output, target):
         output = _as_matrix(output)
+        self.target_matrix(target, output)  # the Hessian does not depend on y, but a wrong y is still refused
         return self.fisher_output_matrix(output)
 
     def fisher_output_matrix(self, output):
@@ -158,6 +246,7 @@ class SquaredError(Loss):
         return (2.0 * self.scale * eye).expand(n, k, k).clone()
 
     def output_hessian_product(self, output, target, vectors):
+        self.target_matrix(target, _as_matrix(output))
         return 2.0 * self.scale * _as_matrix(vectors)
 
     def fisher_output_product(self, output, vectors):
@@ -181,36 +270,40 @@ class BinaryCrossEntropy(Loss):
 
     name = "binary cross-entropy"
 
+    def check_output(self, output):
+        """Probabilities only: every entry in ``(0, 1)`` (``ValueError`` otherwise)."""
+        return _check_probabilities(_as_matrix(output), type(self).__name__, simplex=False)
+
     def per_example(self, output, target):
-        output = _as_matrix(output)
+        output = self.check_output(output)
         y = self.target_matrix(target, output)
         return -(y * torch.log(output) + (1 - y) * torch.log1p(-output)).sum(dim=1)
 
     def output_gradient(self, output, target):
-        output = _as_matrix(output)
+        output = self.check_output(output)
         y = self.target_matrix(target, output)
         return -(y / output - (1 - y) / (1 - output))
 
     def output_hessian(self, output, target):
-        output = _as_matrix(output)
+        output = self.check_output(output)
         y = self.target_matrix(target, output)
         return _diag(y / output ** 2 + (1 - y) / (1 - output) ** 2)
 
     def fisher_output_matrix(self, output):
-        output = _as_matrix(output)
+        output = self.check_output(output)
         return _diag(1.0 / (output * (1 - output)))
 
     def output_hessian_product(self, output, target, vectors):
-        output = _as_matrix(output)
+        output = self.check_output(output)
         y = self.target_matrix(target, output)
         return (y / output ** 2 + (1 - y) / (1 - output) ** 2) * _as_matrix(vectors)
 
     def fisher_output_product(self, output, vectors):
-        output = _as_matrix(output)
+        output = self.check_output(output)
         return _as_matrix(vectors) / (output * (1 - output))
 
     def sample_target(self, output, generator=None):
-        output = _as_matrix(output).detach()
+        output = self.check_output(output).detach()
         return torch.bernoulli(output, generator=generator)
 
 
@@ -223,35 +316,40 @@ class CrossEntropy(Loss):
 
     name = "cross-entropy"
 
+    def check_output(self, output):
+        """Class probabilities only: entries in ``(0, 1]``, rows summing to 1 (``ValueError`` otherwise)."""
+        return _check_probabilities(_as_matrix(output), type(self).__name__, simplex=True)
+
     def target_matrix(self, target, output):
-        return _class_targets(target, output)
+        """Integer labels ``(n,)`` as one-hot rows, or float probability rows ``(n, k)``."""
+        return _class_targets(target, _as_matrix(output), type(self).__name__)
 
     def per_example(self, output, target):
-        output = _as_matrix(output)
+        output = self.check_output(output)
         return -(self.target_matrix(target, output) * torch.log(output)).sum(dim=1)
 
     def output_gradient(self, output, target):
-        output = _as_matrix(output)
+        output = self.check_output(output)
         return -self.target_matrix(target, output) / output
 
     def output_hessian(self, output, target):
-        output = _as_matrix(output)
+        output = self.check_output(output)
         return _diag(self.target_matrix(target, output) / output ** 2)
 
     def fisher_output_matrix(self, output):
-        output = _as_matrix(output)
+        output = self.check_output(output)
         return _diag(1.0 / output)
 
     def output_hessian_product(self, output, target, vectors):
-        output = _as_matrix(output)
+        output = self.check_output(output)
         return self.target_matrix(target, output) / output ** 2 * _as_matrix(vectors)
 
     def fisher_output_product(self, output, vectors):
-        return _as_matrix(vectors) / _as_matrix(output)
+        return _as_matrix(vectors) / self.check_output(output)
 
     def sample_target(self, output, generator=None):
         """A one-hot row per example, the class drawn from ``Categorical(f)``."""
-        output = _as_matrix(output).detach()
+        output = self.check_output(output).detach()
         labels = torch.multinomial(output, 1, generator=generator).squeeze(1)
         return F.one_hot(labels, output.shape[1]).to(output.dtype)
 
@@ -276,6 +374,7 @@ class BinaryCrossEntropyWithLogits(Loss):
         return torch.sigmoid(output) - self.target_matrix(target, output)
 
     def output_hessian(self, output, target):
+        self.target_matrix(target, _as_matrix(output))  # the Hessian does not depend on y; a wrong y is refused
         return self.fisher_output_matrix(output)
 
     def fisher_output_matrix(self, output):
@@ -283,6 +382,7 @@ class BinaryCrossEntropyWithLogits(Loss):
         return _diag(p * (1 - p))
 
     def output_hessian_product(self, output, target, vectors):
+        self.target_matrix(target, _as_matrix(output))
         return self.fisher_output_product(output, vectors)
 
     def fisher_output_product(self, output, vectors):
@@ -304,7 +404,8 @@ class CrossEntropyWithLogits(Loss):
     canonical = True
 
     def target_matrix(self, target, output):
-        return _class_targets(target, output)
+        """Integer labels ``(n,)`` as one-hot rows, or float probability rows ``(n, k)``."""
+        return _class_targets(target, _as_matrix(output), type(self).__name__)
 
     def per_example(self, output, target):
         output = _as_matrix(output)
@@ -336,7 +437,10 @@ class CrossEntropyWithLogits(Loss):
         return p * v - p * (p * v).sum(dim=1, keepdim=True)
 
     def sample_target(self, output, generator=None):
-        return CrossEntropy().sample_target(torch.softmax(_as_matrix(output).detach(), dim=1), generator)
+        """A one-hot row per example, the class drawn from ``Categorical(softmax(z))``."""
+        p = torch.softmax(_as_matrix(output).detach(), dim=1)  # may hold exact zeros for extreme logits
+        labels = torch.multinomial(p, 1, generator=generator).squeeze(1)
+        return F.one_hot(labels, p.shape[1]).to(p.dtype)
 
 
 #: The losses of the book by short name (widget menus).

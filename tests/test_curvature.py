@@ -1,5 +1,6 @@
 """Exact curvature against references built with torch.autograd.functional, in float64."""
 import itertools
+import math
 
 import pytest
 import torch
@@ -361,3 +362,99 @@ def test_unsupported_layers_and_losses_raise_clear_errors():
     ok = nn.Sequential(nn.Linear(4, 3), nn.Sequential(nn.Tanh(), nn.Linear(3, 2))).to(DT)
     assert C.hessian(ok, SquaredError(), x, y).shape == (23, 23)
     assert [b.layer_name for b in C.parameter_layout(ok).blocks] == ["0", "1.1"]
+
+
+def test_block_diagonal_by_parameter_keeps_exactly_each_tensors_own_block():
+    """by="parameter": one block per tensor (W and b separately), so the W–b coupling of a layer is zeroed.
+    The reference is built from the parameter sizes alone; it fails for per-layer blocks and for zeros."""
+    loss = SquaredError()
+    model = _model([3, 4, 2], "tanh", loss, 21)
+    x, y = _data(model, loss, 5, 21)
+    H = C.hessian(model, loss, x, y)
+    expected, offset = torch.zeros_like(H), 0
+    for _, p in model.named_parameters():
+        sl = slice(offset, offset + p.numel())
+        expected[sl, sl] = H[sl, sl]
+        offset += p.numel()
+    per_tensor = C.block_diagonal(H, C.parameter_layout(model), by="parameter")
+    assert torch.equal(per_tensor, expected)
+    assert torch.count_nonzero(per_tensor) > 0
+    per_layer = C.block_diagonal(H, C.parameter_layout(model), by="layer")
+    w_b = per_layer[0:12, 12:16]  # layer 0: 0.weight is rows 0:12, 0.bias rows 12:16
+    assert torch.count_nonzero(w_b) > 0 and torch.count_nonzero(per_tensor[0:12, 12:16]) == 0
+    blocks = C.diagonal_blocks(H, C.parameter_layout(model), by="parameter")
+    assert [b.shape[0] for b in blocks] == [p.numel() for p in model.parameters()]
+
+
+# ----------------------------------------------------------------------------- bad input is refused
+def _small_problem(loss=None, n=6):
+    loss = loss or SquaredError()
+    model = _model([3, 4, 2], "tanh", loss, 30)
+    x, y = _data(model, loss, n, 30)
+    return model, loss, x, y
+
+
+DENSE_WITH_TARGETS = [C.hessian, C.gauss_newton, C.empirical_fisher, C.residual, C.per_example_gradients,
+                      C.flat_gradient]
+
+
+@pytest.mark.parametrize("function", DENSE_WITH_TARGETS, ids=lambda f: f.__name__)
+def test_targets_with_the_wrong_number_of_rows_or_shape_are_refused(function):
+    model, loss, x, y = _small_problem()
+    with pytest.raises(ValueError, match=r"x has 6 rows .*expected one target row per example, i.e. y of shape \(6, k\)"):
+        function(model, loss, x, y[:5])  # 5 target rows for 6 inputs
+    with pytest.raises(ValueError, match=r"expected a target of shape \(n, k\) = \(6, 2\)"):
+        function(model, loss, x, y[:, :1])  # a column that would broadcast
+    with pytest.raises(ValueError, match=r"y of shape \(6, k\)"):
+        function(model, loss, x, y[0])  # one row (k,) for every example
+
+
+def test_class_labels_as_floats_or_columns_are_refused_by_the_curvature_code():
+    loss = CrossEntropyWithLogits()
+    model = _model([3, 4, 3], "tanh", loss, 31)
+    x = torch.randn(6, 3, dtype=DT)
+    labels = torch.tensor([0, 2, 1, 1, 0, 2])
+    assert C.hessian(model, loss, x, labels).shape == (31, 31)
+    for bad, message in [(labels.to(DT), "float target must hold probability rows"),
+                         (labels[:, None], r"integer class labels must have shape \(n,\) = \(6,\)")]:
+        for function in (C.hessian, C.gauss_newton, C.empirical_fisher):
+            with pytest.raises(ValueError, match=message):
+                function(model, loss, x, bad)
+
+
+@pytest.mark.parametrize("function", [C.gauss_newton, C.hessian, C.empirical_fisher])
+def test_probability_losses_refuse_logits_in_the_curvature_code(function):
+    model = _model([3, 4, 2], "tanh", SquaredError(), 32)  # no sigmoid: outputs are logits, outside (0, 1)
+    x = torch.randn(6, 3, dtype=DT) * 3
+    y = torch.ones(6, 2, dtype=DT)
+    with pytest.raises(ValueError, match=r"BinaryCrossEntropy takes probabilities.*\(0, 1\)"):
+        function(model, BinaryCrossEntropy(), x, y)
+    with pytest.raises(ValueError, match="CrossEntropy takes"):
+        C.fisher(model, CrossEntropy(), x)
+
+
+def test_non_finite_inputs_are_named():
+    model, loss, x, y = _small_problem()
+    v = torch.zeros(C.parameter_layout(model).size, dtype=DT)
+    bad_x, bad_y = x.clone(), y.clone()
+    bad_x[2, 1], bad_y[0, 0] = math.nan, math.inf
+    calls = {
+        "hessian": lambda a, b: C.hessian(model, loss, a, b),
+        "gauss_newton": lambda a, b: C.gauss_newton(model, loss, a, b),
+        "empirical_fisher": lambda a, b: C.empirical_fisher(model, loss, a, b),
+        "hvp": lambda a, b: C.hessian_vector_product(model, loss, a, b, v),
+        "gnvp": lambda a, b: C.gauss_newton_vector_product(model, loss, a, b, v),
+        "fisher": lambda a, b: C.fisher(model, loss, a),
+        "fvp": lambda a, b: C.fisher_vector_product(model, loss, a, v),
+        "monte_carlo": lambda a, b: C.monte_carlo_fisher(model, loss, a, 2),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match="input x contains non-finite values"):
+            call(bad_x, y)
+        if name not in ("fisher", "fvp", "monte_carlo"):
+            with pytest.raises(ValueError, match="target y contains non-finite values"):
+                call(x, bad_y)
+    with torch.no_grad():
+        model[0].weight[0, 0] = math.nan
+    with pytest.raises(ValueError, match="parameter '0.weight' contains non-finite values"):
+        C.gauss_newton(model, loss, x, y)

@@ -98,3 +98,41 @@ def test_acp_factor_is_exact_when_the_backward_factor_is_a_multiple_of_identity(
     assert relative_error(factored_block(inputs[-1], b_factors, "acp"), exact) < 1e-12  # default α = mean trace
     with pytest.raises(ValueError, match="Unknown approximation"):
         factored_block(inputs[-1], b_factors, "diagonal")
+
+
+def test_preactivation_jacobians_leave_the_models_grad_alone():
+    model = _net(4)
+    x = torch.randn(5, 3, **F64)
+    model(x).pow(2).sum().backward()
+    before = [p.grad.clone() for p in model.parameters()]
+    objects = [p.grad for p in model.parameters()]
+    preactivation_jacobians(model, x)
+    for p, b, o in zip(model.parameters(), before, objects):
+        assert p.grad is o and torch.equal(p.grad, b)
+    fresh = _net(4)  # and a model without gradients keeps none
+    preactivation_jacobians(fresh, x)
+    assert all(p.grad is None for p in fresh.parameters())
+
+
+def test_factored_block_refuses_inputs_and_factors_with_different_row_counts():
+    model = _net(5)
+    _, inputs, jacs = preactivation_jacobians(model, torch.randn(6, 3, **F64))
+    b_factors = backward_factors(jacs[0])
+    for kind in ("sum_of_kronecker", "kfac", "acp"):
+        with pytest.raises(ValueError, match=r"b_factors must be \(n, n_out, n_out\) with n = 5, the rows of h"):
+            factored_block(inputs[0][:5], b_factors, kind)
+        with pytest.raises(ValueError, match=r"b_factors must be \(n, n_out, n_out\)"):
+            factored_block(inputs[0], b_factors[:, :, :2], kind)
+        with pytest.raises(ValueError, match=r"\(n, n_in\)"):
+            factored_block(inputs[0][0], b_factors, kind)
+
+
+def test_default_acp_alpha_matches_the_trace_of_the_kfac_block_not_of_the_exact_block():
+    model = _net(6)
+    _, inputs, jacs = preactivation_jacobians(model, torch.randn(9, 3, **F64))
+    h, b_factors = inputs[0], backward_factors(jacs[0])
+    acp = factored_block(h, b_factors, "acp")
+    kfac = factored_block(h, b_factors, "kfac")
+    exact = factored_block(h, b_factors, "sum_of_kronecker")
+    torch.testing.assert_close(torch.trace(acp), torch.trace(kfac), rtol=1e-12, atol=0)
+    assert abs(float(torch.trace(acp) - torch.trace(exact))) > 1e-3 * float(torch.trace(exact))

@@ -249,3 +249,135 @@ def test_get_loss_and_errors():
         SquaredError(scale=0)
     with pytest.raises(ValueError, match=r"\(n, k\)"):
         SquaredError().value(torch.zeros(2, 2, 2), torch.zeros(2, 2, 2))
+
+
+# ----------------------------------------------------------------------------- targets that do not sum to 1
+def test_logits_cross_entropy_scales_with_the_target_mass():
+    """For a target row y that does not sum to 1 the loss is −yᵀ log softmax(z) = (Σ_j y_j) logsumexp(z) − yᵀz:
+    gradient (Σy) p − y and Hessian (Σy)(diag p − p pᵀ). The reference differentiates −yᵀ log_softmax(z)
+    with autograd, so a missing Σy factor in any of the three formulas fails here."""
+    g = _gen(11)
+    z = torch.randn(N, K, generator=g, dtype=DT)
+    y = torch.rand(N, K, generator=g, dtype=DT) * torch.tensor([[0.3], [2.5], [1.0], [4.0]], dtype=DT)
+    assert not torch.allclose(y.sum(1), torch.ones(N, dtype=DT), atol=0.1)
+    loss = CrossEntropyWithLogits()
+
+    def reference(row, i):
+        return -(y[i] * torch.log_softmax(row, dim=0)).sum()
+
+    for i in range(N):
+        row = z[i].clone().requires_grad_(True)
+        value = reference(row, i)
+        grad = torch.autograd.grad(value, row)[0]
+        hess = torch.autograd.functional.hessian(lambda r: reference(r, i), z[i])
+        torch.testing.assert_close(loss.per_example(z, y)[i], value.detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(loss.output_gradient(z, y)[i], grad, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(loss.output_hessian(z, y)[i], hess, rtol=1e-12, atol=1e-12)
+        v = torch.randn(K, generator=g, dtype=DT)
+        torch.testing.assert_close(loss.output_hessian_product(z, y, v.expand(N, K))[i], hess @ v,
+                                   rtol=1e-12, atol=1e-12)
+    # the Fisher D does not depend on the target: it stays diag(p) − p pᵀ whatever the mass
+    p = torch.softmax(z, 1)
+    torch.testing.assert_close(loss.fisher_output_matrix(z), torch.diag_embed(p) - p[:, :, None] * p[:, None, :])
+
+
+# ----------------------------------------------------------------------------- bad input is refused
+REGRESSION_LOSSES = [SquaredError(), BinaryCrossEntropy(), BinaryCrossEntropyWithLogits()]
+CLASS_LOSSES = [CrossEntropy(), CrossEntropyWithLogits()]
+
+
+def _valid_output(loss, n=N, k=K):
+    z = torch.randn(n, k, generator=_gen(5), dtype=DT)
+    if isinstance(loss, BinaryCrossEntropy):
+        return torch.sigmoid(z)
+    if isinstance(loss, CrossEntropy):
+        return torch.softmax(z, 1)
+    return z
+
+
+def _every_entry_point(loss, f, y):
+    v = torch.ones_like(f)
+    return [lambda: loss.value(f, y), lambda: loss.per_example(f, y), lambda: loss.output_gradient(f, y),
+            lambda: loss.output_hessian(f, y), lambda: loss.output_hessian_product(f, y, v)]
+
+
+@pytest.mark.parametrize("loss", REGRESSION_LOSSES, ids=repr)
+@pytest.mark.parametrize("shape", [(N,), (1, K), (N - 1, K), (N, 1), (N, K, 1)])
+def test_regression_targets_of_the_wrong_shape_are_refused(loss, shape):
+    f = _valid_output(loss)
+    y = torch.rand(shape, generator=_gen(6), dtype=DT)
+    for call in _every_entry_point(loss, f, y):
+        with pytest.raises(ValueError, match=rf"expected a target of shape \(n, k\) = \({N}, {K}\)"):
+            call()
+
+
+@pytest.mark.parametrize("loss", REGRESSION_LOSSES, ids=repr)
+def test_a_1d_target_is_a_column_only_for_a_single_output(loss):
+    f = _valid_output(loss, k=1)
+    y = torch.rand(N, generator=_gen(6), dtype=DT)
+    torch.testing.assert_close(loss.per_example(f, y), loss.per_example(f, y[:, None]))
+    torch.testing.assert_close(loss.output_hessian(f, y), loss.output_hessian(f, y[:, None]))
+    with pytest.raises(ValueError, match=r"\(n, k\) = \(4, 1\)"):
+        loss.value(f, y[:-1])
+
+
+@pytest.mark.parametrize("loss", CLASS_LOSSES, ids=repr)
+def test_class_targets_of_the_wrong_shape_or_dtype_are_refused(loss):
+    f = _valid_output(loss)
+    labels = torch.tensor([0, 2, 1, 2])
+    bad = {
+        "float labels (n,)": (labels.to(DT), r"float target must hold probability rows of shape \(n, k\) = \(4, 3\)"),
+        "int labels (n, 1)": (labels[:, None], r"integer class labels must have shape \(n,\) = \(4,\)"),
+        "int labels, n-1 rows": (labels[:-1], r"integer class labels must have shape \(n,\) = \(4,\)"),
+        "rows (1, k)": (torch.full((1, K), 1 / K, dtype=DT), r"shape \(n, k\) = \(4, 3\)"),
+        "one-hot rows as int": (F.one_hot(labels, K), r"integer class labels must have shape \(n,\)"),
+        "bool labels": (labels > 0, r"integer class labels"),
+    }
+    for name, (y, message) in bad.items():
+        for call in _every_entry_point(loss, f, y):
+            with pytest.raises(ValueError, match=message):
+                call()
+    # the accepted forms agree
+    torch.testing.assert_close(loss.output_hessian(f, labels), loss.output_hessian(f, F.one_hot(labels, K).to(DT)))
+
+
+def test_a_broadcast_target_would_have_given_a_wrong_hessian():
+    """Why the shape check exists: float labels (n,) read as a column broadcast over the k classes."""
+    z = torch.randn(N, K, generator=_gen(8), dtype=DT)
+    labels = torch.tensor([0, 2, 1, 2])
+    broadcast = labels.to(DT)[:, None].expand(N, K)  # what the old code silently used
+    right = CrossEntropyWithLogits().output_hessian(z, labels)
+    wrong = broadcast.sum(1)[:, None, None] * CrossEntropyWithLogits().fisher_output_matrix(z)
+    assert not torch.allclose(right, wrong)
+
+
+@pytest.mark.parametrize("values", [[[0.2, 1.3]], [[-0.1, 0.5]], [[0.0, 0.5]], [[1.0, 0.5]], [[math.nan, 0.5]]])
+def test_binary_cross_entropy_refuses_outputs_outside_0_1(values):
+    f = torch.tensor(values, dtype=DT)
+    y = torch.ones_like(f)
+    loss = BinaryCrossEntropy()
+    calls = _every_entry_point(loss, f, y) + [lambda: loss.fisher_output_matrix(f),
+                                              lambda: loss.fisher_output_product(f, y), lambda: loss.sample_target(f)]
+    for call in calls:
+        with pytest.raises(ValueError, match=r"probabilities, every output in \(0, 1\).*BinaryCrossEntropyWithLogits"):
+            call()
+
+
+@pytest.mark.parametrize("values", [[[1.2, -0.2]], [[0.0, 1.0]], [[0.5, 0.6]], [[math.inf, 0.5]]])
+def test_cross_entropy_refuses_outputs_off_the_simplex(values):
+    f = torch.tensor(values, dtype=DT)
+    loss = CrossEntropy()
+    calls = _every_entry_point(loss, f, torch.tensor([0])) + [
+        lambda: loss.fisher_output_matrix(f), lambda: loss.fisher_output_product(f, f), lambda: loss.sample_target(f)]
+    for call in calls:
+        with pytest.raises(ValueError, match="CrossEntropy takes .*CrossEntropyWithLogits"):
+            call()
+
+
+def test_probability_checks_accept_saturated_but_valid_outputs():
+    # a float32 softmax row can hold an exact 1 next to tiny positive entries: still a valid distribution
+    f = torch.softmax(torch.tensor([[40.0, 0.0, 0.0]]), 1)
+    assert f[0, 0] == 1.0 and float(CrossEntropy().value(f, torch.tensor([0]))) == 0.0
+    assert torch.isfinite(CrossEntropy().fisher_output_matrix(f)).all()
+    # the logits form samples from a softmax that underflows to exact zeros without complaint
+    assert CrossEntropyWithLogits().sample_target(torch.tensor([[0.0, -200.0]]), _gen(0)).tolist() == [[1.0, 0.0]]
