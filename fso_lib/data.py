@@ -158,10 +158,16 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
             return _frombuffer
         if module == "_codecs":
-            import codecs
-
-            return codecs.encode
+            return _latin1_encode
         return getattr(np, name)
+
+
+def _latin1_encode(text, encoding="latin1"):
+    """``codecs.encode`` restricted to what array pickles use: a ``str`` to latin-1 bytes."""
+    if not isinstance(text, str) or str(encoding).lower().replace("_", "-") not in ("latin1", "latin-1"):
+        raise UnsafePickleError(f"Refusing _codecs.encode({type(text).__name__}, {encoding!r}) in an untrusted pickle: "
+                                "only the latin-1 encoding of array bytes is allowed.")
+    return text.encode("latin-1")
 
 
 def restricted_loads(data: bytes):

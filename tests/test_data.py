@@ -87,6 +87,62 @@ def test_restricted_unpickler_rebuilds_arrays():
         assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(arrays, restored))
 
 
+# a pickle that calls ``module.name(*args)``, written opcode by opcode (protocol 2): nothing is executed here
+def _call_pickle(module: str, name: str, args: tuple) -> bytes:
+    return b"\x80\x02" + f"c{module}\n{name}\n".encode() + pickle.dumps(args, protocol=2)[2:-1] + b"R."
+
+
+class _ToFile:
+    """Pickles as getattr(numpy.ndarray, 'tofile')(array, path): a numpy method reached through builtins.getattr."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (np.ndarray.tofile, (np.arange(3), self.path))
+
+
+FILE_WRITING_PAYLOADS = {
+    "numpy.save": lambda path: _call_pickle("numpy", "save", (path, np.arange(3))),
+    "numpy.savetxt": lambda path: _call_pickle("numpy", "savetxt", (path, np.arange(3))),
+    "numpy.savez": lambda path: _call_pickle("numpy", "savez", (path,)),
+    "numpy.lib.format.open_memmap": lambda path: _call_pickle(
+        "numpy.lib.format", "open_memmap", (path, "w+", np.dtype("float64"), (3,))),
+    "numpy.memmap": lambda path: _call_pickle("numpy", "memmap", (path, np.dtype("uint8"), "w+", 0, (4,))),
+    "ndarray.tofile via getattr": lambda path: pickle.dumps(_ToFile(path), protocol=2),
+    "builtins.open": lambda path: _call_pickle("builtins", "open", (path, "w")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FILE_WRITING_PAYLOADS))
+def test_restricted_unpickler_refuses_callables_that_write_files(tmp_path, name):
+    make = FILE_WRITING_PAYLOADS[name]
+    live = tmp_path / "live"
+    pickle.loads(make(str(live)))  # the payload is real: an ordinary unpickler writes the file
+    assert any(p.name.startswith("live") for p in tmp_path.iterdir())
+    marker = tmp_path / "refused"
+    with pytest.raises(UnsafePickleError, match="Refusing to load"):
+        mnist_data.restricted_loads(make(str(marker)))
+    assert not any(p.name.startswith("refused") for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("module, name", [
+    ("numpy", "load"), ("numpy.testing", "assert_equal"), ("numpy", "frombuffer"), ("numpy", "fromfile"),
+    ("numpy.lib.format", "write_array"), ("builtins", "getattr"), ("builtins", "eval"), ("subprocess", "run"),
+    ("numpy", "ndarray.tofile"), ("numpy.core.multiarray", "scalar"), ("numpy", "__builtins__"),
+])
+def test_restricted_unpickler_refuses_everything_outside_the_allow_list(module, name):
+    payload = _call_pickle(module, name, ())
+    with pytest.raises(UnsafePickleError, match=f"Refusing to load {module}.{name}"):
+        mnist_data.restricted_loads(payload)
+
+
+def test_restricted_unpickler_allows_codecs_only_for_latin1_bytes():
+    with pytest.raises(UnsafePickleError, match="only the latin-1"):
+        mnist_data.restricted_loads(_call_pickle("_codecs", "encode", ("abc", "rot13")))
+    assert mnist_data.restricted_loads(_call_pickle("_codecs", "encode", ("\xff\x00", "latin1"))) == b"\xff\x00"
+
+
 # ----------------------------------------------------------------------------- a tiny fake MNIST
 @pytest.fixture
 def tiny_mnist(monkeypatch, tmp_path):

@@ -75,12 +75,24 @@ def test_biased_search_concentrates_where_the_cost_is_low():
 def test_diverged_and_failing_trials_are_recorded_and_avoided():
     result = biased_random_search(explodes_for_large_lr, DOMAIN, 60, seed=3, executor=SerialExecutor())
     statuses = {t.status for t in result.trials}
-    assert {"ok", "diverged", "error"} <= statuses or {"ok", "error"} <= statuses
+    assert statuses == {"ok", "diverged", "error"}
+    for t in result.trials:  # each trial's status follows from where it landed
+        expected = "error" if t.params["lr"] > 0.3 else "diverged" if t.params["lr"] > 0.1 else "ok"
+        assert t.status == expected, (t.params, t.status)
     assert all(math.isinf(t.cost) for t in result.trials if t.status != "ok")
     assert "FloatingPointError" in next(t for t in result.trials if t.status == "error").info["error"]
     assert result.best.params["lr"] <= 0.1 and math.isfinite(result.best_cost)
     late_bad = np.mean([t.params["lr"] > 0.1 for t in result.trials[30:]])
     assert late_bad < 0.2  # the exploding region (a quarter of the log range) is mostly rejected later
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, {"cost": math.nan, "steps": 3}])
+def test_a_non_finite_cost_is_a_diverged_trial(value):
+    result = random_search(lambda params: value, DOMAIN, 2, seed=0, executor=SerialExecutor())
+    assert [t.status for t in result.trials] == ["diverged", "diverged"]
+    assert all(t.cost == math.inf and not t.finite for t in result.trials)
+    if isinstance(value, dict):
+        assert result.trials[0].info == {"steps": 3}
 
 
 def test_same_search_runs_on_thread_and_process_pools():
