@@ -14,11 +14,14 @@ import math
 import torch
 from torch import nn
 
-from .models import linear_layers
-
-__all__ = ["SCHEMES", "weight_variance", "variance_scaling_init_"]
+__all__ = ["SCHEMES", "linear_layers", "weight_variance", "variance_scaling_init_"]
 
 SCHEMES = ("glorot", "he")
+
+
+def linear_layers(model: nn.Module) -> list[nn.Linear]:
+    """The ``nn.Linear`` layers of ``model`` in forward order (also exported by :mod:`fso_lib.models`)."""
+    return [m for m in model.modules() if isinstance(m, nn.Linear)]
 
 
 def weight_variance(n_in: int, n_out: int, scheme: str = "glorot", alpha: float = 2.0) -> float:

@@ -11,6 +11,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .initialization import linear_layers, variance_scaling_init_  # one-way: initialization imports no fso_lib module
+
 #: Layer sizes of the deep autoencoder benchmark (Hinton & Salakhutdinov 2006; thesis §4.2).
 AUTOENCODER_SIZES = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
 
@@ -57,19 +59,12 @@ def mlp(
     return nn.Sequential(*layers)
 
 
-def linear_layers(model: nn.Module) -> list[nn.Linear]:
-    """The ``nn.Linear`` layers of ``model`` in forward order."""
-    return [m for m in model.modules() if isinstance(m, nn.Linear)]
-
-
 def glorot_uniform_init_(model: nn.Module, scale: float = 1.0, generator: torch.Generator | None = None) -> nn.Module:
     """Glorot/Xavier uniform weights (bound ``scale·sqrt(6 / (n_in + n_out))``), zero biases (thesis §2.4.2).
 
     ``scale`` is the factor the thesis tunes with its hyperparameter search; in the variance notation of
     :mod:`fso_lib.initialization` it is α = 2·scale².
     """
-    from .initialization import variance_scaling_init_  # that module builds on this one
-
     return variance_scaling_init_(model, "glorot", alpha=2.0 * scale**2, generator=generator)
 
 

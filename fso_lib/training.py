@@ -3,6 +3,10 @@
 :func:`train` runs ``n_steps`` minibatch updates of any PyTorch optimizer and records the training
 loss of each minibatch, the wall-clock time spent in updates, and (optionally) the loss on fixed evaluation sets.
 It is the plain SGD loop of thesis §2.2: sample a minibatch, compute the gradient, take a step.
+
+:func:`training_step` is the one update that both this loop and the benchmark runner
+(:mod:`fso_lib.bench.runner`) perform: the statistics minibatch of the chapter-6 optimizers (§6.4),
+``zero_grad``, loss, backward, step.
 """
 from __future__ import annotations
 
@@ -14,7 +18,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["History", "train", "sum_squared_error", "minibatches", "evaluate"]
+from .optim.base import needs_statistics
+
+__all__ = ["History", "train", "training_step", "sum_squared_error", "minibatches", "evaluate"]
 
 
 def sum_squared_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -49,6 +55,34 @@ def minibatches(n_examples: int, batch_size: int, generator: torch.Generator):
             yield order[start:start + batch_size]
 
 
+def training_step(
+    model: Callable,
+    loss_fn: Callable,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    statistics_inputs: torch.Tensor | None = None,
+    optimizer_step: Callable[[], object] | None = None,
+) -> torch.Tensor:
+    """One minibatch update; returns the minibatch loss as a detached 0-dim tensor (no host read).
+
+    ``statistics_inputs``: a separate minibatch for the layer statistics of a chapter-6 optimizer
+    (``optimizer.update_statistics``, thesis §6.4), given when ``needs_statistics(optimizer)``.
+    ``model`` may be a compiled module and ``optimizer_step`` a compiled ``optimizer.step`` (the
+    benchmark's ``compile`` option); by default ``optimizer.step()`` is called.
+    """
+    if statistics_inputs is not None:
+        optimizer.update_statistics(statistics_inputs)
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_fn(model(x), y)
+    loss.backward()
+    if optimizer_step is None:
+        optimizer.step()
+    else:
+        optimizer_step()
+    return loss.detach()
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loss_fn: Callable, inputs: torch.Tensor, targets: torch.Tensor,
              batch_size: int = 2000) -> float:
@@ -76,7 +110,8 @@ def train(
 ) -> History:
     """Minibatch training (thesis §2.2): ``n_steps`` updates on minibatches of ``batch_size`` examples.
 
-    ``optimizer`` defaults to ``torch.optim.SGD(model.parameters(), lr)``. ``step_fn(x, y) -> loss``
+    ``optimizer`` defaults to ``torch.optim.SGD(model.parameters(), lr)``; a chapter-6 optimizer gets its
+    statistics minibatches from a second, independent stream. ``step_fn(x, y) -> loss``
     replaces the whole update for optimizers that are not ``torch.optim`` objects (e.g. chapter 5's
     updated backpropagation). A non-finite loss stops the run and sets ``history.diverged``.
     ``eval_sets`` maps names to ``(inputs, targets)`` evaluated every ``eval_every`` steps and at the end.
@@ -85,6 +120,7 @@ def train(
         optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     batches = minibatches(len(inputs), min(batch_size, len(inputs)), generator)
+    statistics_batches = minibatches(len(inputs), min(batch_size, len(inputs)), torch.Generator().manual_seed(seed + 7919))
     history = History(eval_loss={name: [] for name in (eval_sets or {})})
 
     def record_eval(step: int) -> None:
@@ -102,11 +138,8 @@ def train(
         if step_fn is not None:
             loss = float(step_fn(x, y))
         else:
-            optimizer.zero_grad(set_to_none=True)
-            loss_tensor = loss_fn(model(x), y)
-            loss_tensor.backward()
-            optimizer.step()
-            loss = float(loss_tensor.detach())
+            statistics = inputs[next(statistics_batches)] if needs_statistics(optimizer) else None
+            loss = float(training_step(model, loss_fn, optimizer, x, y, statistics))
         elapsed += time.perf_counter() - start
         history.loss.append(loss)
         history.seconds.append(elapsed)

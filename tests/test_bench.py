@@ -154,11 +154,6 @@ def test_report_tables_read_the_records(tmp_path):
 
 @pytest.mark.parametrize("method", ["acp", "kfac"])
 def test_chapter6_methods_resume_exactly(tmp_path, method):
-    from fso_lib.bench import method_available
-
-    ok, why = method_available(method)
-    if not ok:
-        pytest.skip(why)
     hp = {"amortization_period": 4} if method == "acp" else {"statistics_period": 2, "inverse_period": 4}
     cfg = dict(hyperparameters=hp, init_scale=1.0, eval_every=5, train_eval_size=100)
     run(small(method, max_updates=10, name="part", **cfg), tmp_path)  # inverses at 0, 4, 8: resume mid-period

@@ -32,3 +32,17 @@ def test_glorot_scale_is_alpha_two_scale_squared():
     for la, lb in zip(linear_layers(a), linear_layers(b)):
         assert torch.equal(la.weight, lb.weight)
         assert la.weight.abs().max() <= 0.7 * math.sqrt(6 / (la.in_features + la.out_features))
+
+
+def test_initialization_does_not_import_models():
+    """fso_lib.models builds on fso_lib.initialization, never the other way round (no import cycle)."""
+    import ast
+    from pathlib import Path
+
+    import fso_lib.initialization as init_module
+
+    tree = ast.parse(Path(init_module.__file__).read_text())
+    imported = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    assert not any(node.level for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)), imported
+    assert not any((m or "").startswith("fso_lib") for m in imported)
+    assert linear_layers is init_module.linear_layers  # models re-exports the one definition

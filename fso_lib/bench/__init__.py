@@ -6,12 +6,12 @@ Command line: ``python -m fso_lib.bench --help``. In Python::
     result = run(RunConfig(task="autoencoder", method="adam", hyperparameters={"lr": 1e-3}, max_seconds=60),
                  out_dir="data/results/cpu")
 """
-from .methods import METHODS, Method, MethodUnavailable, get_method, method_available, register_method
+from .methods import METHODS, Method, get_method, method_available, register_method
 from .runner import RunConfig, RunResult, evaluate, read_records, run, run_paths
 from .tasks import TASKS, CIFAR10Unavailable, Task, load_cifar10, make_task
 
 __all__ = [
-    "METHODS", "Method", "MethodUnavailable", "get_method", "method_available", "register_method",
+    "METHODS", "Method", "get_method", "method_available", "register_method",
     "RunConfig", "RunResult", "evaluate", "read_records", "run", "run_paths",
     "TASKS", "CIFAR10Unavailable", "Task", "load_cifar10", "make_task",
 ]

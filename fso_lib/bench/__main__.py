@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from .methods import METHODS, method_available
+from .methods import METHODS
 from .runner import RunConfig, run
 from .tasks import TASKS
 
@@ -83,8 +83,7 @@ def main(argv=None) -> int:
     if args.list:
         print("tasks:", ", ".join(TASKS))
         for name, method in METHODS.items():
-            ok, why = method_available(name)
-            print(f"  {name:22s} {method.label:26s} defaults {method.defaults}" + ("" if ok else f"  [unavailable: {why}]"))
+            print(f"  {name:22s} {method.label:26s} defaults {method.defaults}")
         return 0
     if args.updates is None and args.seconds is None:
         raise SystemExit("Give a budget: --updates N and/or --seconds S.")

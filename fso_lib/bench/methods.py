@@ -3,26 +3,22 @@
 A :class:`Method` knows its default hyperparameters, the domain a hyperparameter search explores for it,
 and how to build an optimizer for a model. SGD, SGD with momentum and Adam come from ``torch.optim``; the
 chapter-6 methods (centering, batch norm, ACP, K-FAC, natural neural networks) come from ``fso_lib.optim``
-through its factory ``make_optimizer(name, model, **hyperparameters)``; this module never re-implements them.
+(imported plainly) through its factory ``make_optimizer(name, model, **hyperparameters)``; this module never re-implements them.
 
 Every method may also tune the initialization scale (``init_scale``), as the thesis does (§2.3, §4.1).
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
+from .. import optim as fso_optim
 from ..search import Domain, Param
 
 INIT_SCALE = Param("init_scale", 0.25, 4.0, log=True)
-
-
-class MethodUnavailable(RuntimeError):
-    """The method is registered but its implementation cannot be built here."""
 
 
 @dataclass
@@ -90,7 +86,7 @@ register_method(Method(
     _torch(lambda params, hp: torch.optim.Adam(params, lr=hp["lr"], betas=(hp["beta1"], hp["beta2"]), eps=hp["eps"])),
 ))
 
-#: The chapter-6 methods, built by ``fso_lib.optim.make_optimizer`` (written in another part of the book).
+#: The chapter-6 methods, built by ``fso_lib.optim.make_optimizer``.
 CHAPTER6_METHODS = {
     "centered_gd": "centered gradient descent",
     "mean_only_batchnorm": "mean-only batch norm",
@@ -102,22 +98,10 @@ CHAPTER6_METHODS = {
 }
 
 
-def _fso_optim():
-    try:
-        module = importlib.import_module("fso_lib.optim")
-    except Exception as error:  # noqa: BLE001 - not written yet, or broken while being written
-        raise MethodUnavailable(f"fso_lib.optim cannot be imported ({type(error).__name__}: {error}).") from error
-    for needed in ("make_optimizer", "prepare_model", "OPTIMIZERS"):
-        if not hasattr(module, needed):
-            raise MethodUnavailable(f"fso_lib.optim has no {needed} yet.")
-    return module
-
-
 def _chapter6_build(name: str):
     def build(model: nn.Module, hp: dict) -> Built:
-        optim = _fso_optim()
-        model = optim.prepare_model(name, model)  # batch norm: a copy with BN layers; NNN: whitened
-        return Built(model, optim.make_optimizer(name, model, **hp))
+        model = fso_optim.prepare_model(name, model)  # batch norm: a copy with BN layers; NNN: whitened
+        return Built(model, fso_optim.make_optimizer(name, model, **hp))
     return build
 
 
@@ -129,31 +113,23 @@ CHAPTER6_DOMAINS = {
 
 def register_chapter6_methods() -> None:
     """(Re-)register the chapter-6 methods with the defaults that ``fso_lib.optim.OPTIMIZERS`` publishes."""
-    try:
-        specs = _fso_optim().OPTIMIZERS
-    except MethodUnavailable:
-        specs = {}
     for name, label in CHAPTER6_METHODS.items():
-        spec = specs.get(name)
-        defaults = dict(spec.defaults) if spec is not None else {}
-        optional = tuple(k for k in getattr(spec, "hyperparameters", {}) if k not in defaults)
+        spec = fso_optim.OPTIMIZERS[name]
+        defaults = dict(spec.defaults)
+        optional = tuple(k for k in spec.hyperparameters if k not in defaults)
         params = [Param("lr", 1e-5, 1.0, log=True)]
         params += [CHAPTER6_DOMAINS[k] for k in CHAPTER6_DOMAINS if k in defaults]
         register_method(Method(name, label, defaults, Domain([*params, INIT_SCALE]), _chapter6_build(name),
                                source="fso_lib.optim",
-                               optional=optional, uses_statistics=bool(getattr(spec, "uses_statistics", False))))
+                               optional=optional, uses_statistics=bool(spec.uses_statistics)))
 
 
 register_chapter6_methods()
 
 
 def method_available(name: str) -> tuple[bool, str]:
-    """Whether ``name`` can be built here, and why not."""
-    method = get_method(name)
-    if method.source != "fso_lib.optim":
-        return True, ""
-    try:
-        _fso_optim()
-    except MethodUnavailable as error:
-        return False, str(error)
+    """Whether ``name`` is a registered method (and why not). Every registered method builds on every
+    machine: the chapter-6 methods are imported from :mod:`fso_lib.optim` with this module."""
+    if name not in METHODS:
+        return False, f"unknown method {name!r}; registered: {sorted(METHODS)}"
     return True, ""

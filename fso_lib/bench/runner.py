@@ -26,8 +26,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..config import get_device
+from ..training import training_step
+from ..optim.base import needs_statistics
 from .methods import get_method
 from .tasks import make_task
 
@@ -59,6 +62,7 @@ class RunConfig:
     name: str | None = None
     note: str = ""  # free text kept in the header (e.g. "4 runs shared this GPU")
     progress: bool = True
+    compile: bool = False  # torch.compile the step (mode "reduce-overhead": CUDA graphs on a GPU); see make_step
 
     def __post_init__(self):
         if self.max_updates is None and self.max_seconds is None:
@@ -103,37 +107,6 @@ def versions() -> dict:
 
 
 # ----------------------------------------------------------------------------- small helpers
-class Progress:
-    """A one-line progress bar on stderr (carriage return), redrawn at most twice a second."""
-
-    def __init__(self, label: str, enabled: bool = True, stream=None):
-        self.label, self.enabled, self.stream = label, enabled, stream or sys.stderr
-        self._last = 0.0
-
-    def show(self, text: str, force: bool = False) -> None:
-        now = time.monotonic()
-        if self.enabled and (force or now - self._last >= 0.5):
-            self.stream.write(f"\r{self.label} {text}".ljust(100)[:160])
-            self.stream.flush()
-            self._last = now
-
-    def close(self) -> None:
-        if self.enabled:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-def _bar(fraction: float, width: int = 20) -> str:
-    filled = int(round(max(0.0, min(1.0, fraction)) * width))
-    return "[" + "#" * filled + "." * (width - filled) + "]"
-
-
-def needs_statistics(optimizer) -> bool:
-    """True when a chapter-6 optimizer wants a statistics minibatch before its next update."""
-    method = getattr(optimizer, "needs_statistics", None)
-    return bool(method()) if callable(method) else False
-
-
 def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The data order of one epoch: a permutation that depends only on (seed, epoch)."""
     generator = torch.Generator().manual_seed(1_000_003 * seed + epoch)
@@ -207,24 +180,155 @@ def _save_checkpoint(path: Path, state: dict) -> None:
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(model, task, inputs, targets, chunk: int = 2000) -> dict:
-    """Mean loss (and error rate for classification) over ``inputs``, in eval mode, by chunks."""
+    """Mean loss (and error rate for classification) over ``inputs``, in eval mode, by chunks.
+
+    The sums stay on the device; the result is read back once, at the end."""
     was_training = model.training
     model.eval()
-    total, wrong, n = 0.0, 0, inputs.shape[0]
+    n = inputs.shape[0]
+    total = torch.zeros((), dtype=torch.float64, device=inputs.device)
+    wrong = torch.zeros((), dtype=torch.int64, device=inputs.device)
     for start in range(0, n, chunk):
         x, y = inputs[start:start + chunk], targets[start:start + chunk]
         out = model(x)
-        total += float(task.loss(out, y)) * x.shape[0]
+        total += task.loss(out, y).double() * x.shape[0]
         if task.classification:
-            wrong += int((out.argmax(dim=1) != y).sum())
+            wrong += (out.argmax(dim=1) != y).sum()
     model.train(was_training)
-    result = {"loss": total / n}
+    result = {"loss": float(total) / n}
     if task.classification:
-        result["error"] = wrong / n
+        result["error"] = int(wrong) / n
     return result
 
 
-# ----------------------------------------------------------------------------- the run
+# ----------------------------------------------------------------------------- the pieces of a run
+class DataStream:
+    """Minibatches of indices in a per-epoch random order that depends only on ``(seed, epoch)``.
+
+    The position lives on the host, the order on the device: drawing a minibatch never reads the device.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, device: torch.device, epoch: int = 0, position: int = 0):
+        self.n, self.batch_size, self.seed, self.device = n, batch_size, seed, device
+        self.epoch, self.position = epoch, position
+        self.order = _epoch_order(n, seed, epoch).to(device)
+
+    def next(self) -> torch.Tensor:
+        if self.position + self.batch_size > self.n:
+            self.epoch, self.position = self.epoch + 1, 0
+            self.order = _epoch_order(self.n, self.seed, self.epoch).to(self.device)
+        index = self.order[self.position:self.position + self.batch_size]
+        self.position += self.batch_size
+        return index
+
+
+class DivergenceMonitor:
+    """Device-side divergence test of every minibatch loss, read on the host only at evaluation time.
+
+    A loss diverged when it is not finite or exceeds ``factor`` × the initial train loss (the baseline,
+    known after the first evaluation). Each step folds its verdict into a 0-dim bool tensor on the
+    device: no host synchronization per step."""
+
+    def __init__(self, factor: float, device: torch.device, baseline: float | None = None):
+        self.factor, self.device = factor, device
+        self.flag = torch.zeros((), dtype=torch.bool, device=device)
+        self.threshold = torch.full((), math.inf, device=device)
+        self.baseline = None
+        if baseline is not None:
+            self.set_baseline(baseline)
+
+    def set_baseline(self, initial_train_loss: float) -> None:
+        self.baseline = initial_train_loss
+        self.threshold.fill_(self.factor * initial_train_loss)
+
+    def observe(self, loss: torch.Tensor) -> None:
+        self.flag.logical_or_(~torch.isfinite(loss) | (loss > self.threshold))
+
+    def diverged(self, loss: float | None) -> bool:
+        """Whether an evaluated loss (``None``: not finite) counts as divergence."""
+        return loss is None or not math.isfinite(loss) or (
+            self.baseline is not None and loss > self.factor * self.baseline)
+
+    def read_and_clear(self) -> bool:
+        """One host read: whether any minibatch loss diverged since the last call."""
+        seen = bool(self.flag)
+        self.flag.fill_(False)
+        return seen
+
+
+def _read_optimizer_divergence(optimizer) -> str | None:
+    """Read (and clear) the device-side flag of a chapter-6 optimizer, if it has one: the reason, or None."""
+    check = getattr(optimizer, "check_divergence", None)
+    if not callable(check):
+        return None
+    try:
+        check()
+    except FloatingPointError as exc:  # fso_lib.optim.DivergenceError
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _defer_optimizer_checks(optimizer) -> None:
+    """Let a chapter-6 optimizer keep its non-finite flag on the device (``check_every=None``): the runner
+    reads it at each evaluation instead of once per step."""
+    if hasattr(optimizer, "check_every"):
+        optimizer.check_every = None
+
+
+def make_step(model, loss_fn, optimizer, device: torch.device, compile: bool = False):
+    """The update the run repeats: :func:`fso_lib.training.training_step` on ``(x, y, statistics_inputs)``.
+
+    ``compile=True`` compiles the model's forward/backward and ``optimizer.step`` with ``torch.compile``,
+    in mode ``"reduce-overhead"`` on a GPU (the steady-state step is replayed as CUDA graphs) and the
+    default mode elsewhere (CPU: C++ kernels, which needs a C++ compiler). Statistics minibatches of the
+    chapter-6 optimizers run eagerly."""
+    if not compile:
+        return lambda x, y, statistics=None: training_step(model, loss_fn, optimizer, x, y, statistics)
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    compiled_model = torch.compile(model, mode=mode)
+
+    @torch.compile(mode=mode, fullgraph=False)
+    def compiled_optimizer_step():
+        optimizer.step()
+
+    def step(x, y, statistics=None):
+        if device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+        return training_step(compiled_model, loss_fn, optimizer, x, y, statistics,
+                             optimizer_step=compiled_optimizer_step).clone()
+
+    return step
+
+
+class ProgressBar:
+    """A ``tqdm.auto`` bar over the run's budget (updates, or seconds when only a time budget is set):
+    a text bar in a terminal, a widget in JupyterLab. Host-side only."""
+
+    def __init__(self, config: RunConfig, update: int, elapsed: float):
+        self.by_updates = config.max_updates is not None
+        total = config.max_updates if self.by_updates else config.max_seconds
+        self.bar = tqdm(total=total, initial=update if self.by_updates else round(elapsed, 1),
+                        unit="update" if self.by_updates else "s", desc=config.method,
+                        disable=not config.progress, dynamic_ncols=True, file=sys.stderr)
+        self.shown_seconds = elapsed
+
+    def advance(self, seconds: float) -> None:
+        if self.by_updates:
+            self.bar.update(1)
+        elif seconds - self.shown_seconds >= 0.1:
+            self.bar.update(round(seconds - self.shown_seconds, 1))
+            self.shown_seconds += round(seconds - self.shown_seconds, 1)
+
+    def show_eval(self, record: dict) -> None:
+        postfix = {"train loss": f"{record['train_loss']:.4g}" if record["train_loss"] is not None else "nan"}
+        if record.get("ms_per_update"):
+            postfix["ms/update"] = f"{record['ms_per_update']:.1f}"
+        self.bar.set_postfix(postfix, refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 @dataclass
 class RunResult:
     name: str
@@ -237,6 +341,214 @@ class RunResult:
     records: list = field(default_factory=list)
 
 
+class Run:
+    """The state of one run between its pieces: model, optimizer, data streams, clock, records.
+
+    :func:`run` is ``Run(...)``, :meth:`start` (or :meth:`resume`), :meth:`train` and :meth:`finish`;
+    the steady-state loop :meth:`train_steps` reads nothing from the device."""
+
+    def __init__(self, config: RunConfig, out_dir: str | Path, task=None):
+        self.config = config
+        self.device = device = get_device(config.device)
+        self.results_path, self.checkpoint_path = run_paths(out_dir, config.run_name)
+        self.method = method = get_method(config.method)
+        self.hp = method.hyperparameters(config.hyperparameters)
+        self.task = task if task is not None else make_task(config.task, sample=config.sample, dataset=config.dataset)
+        if "loss" in method.optional and "loss" not in self.hp:  # K-FAC samples targets from the task's own loss
+            self.hp["loss"] = self.task.sampled_loss
+        self.task.to(device)
+        self.init = config.init or self.task.defaults["init"]
+        self.init_scale = config.init_scale if config.init_scale is not None else self.task.defaults["init_scale"]
+        self._evaluation_sets()
+        torch.manual_seed(config.seed)
+        np.random.seed(config.seed % 2**32)
+        random.seed(config.seed)
+        model = self.task.build_model(init=self.init, init_scale=self.init_scale, seed=config.seed).to(device)
+        built = method.build(model, self.hp)
+        self.model, self.optimizer = built.model.to(device), built.optimizer
+        _defer_optimizer_checks(self.optimizer)
+        self.update, self.elapsed = 0, 0.0
+        self.batches = DataStream(self.task.n_train, config.batch_size, config.seed, device)
+        # a second, independent stream for the statistics minibatches of the chapter-6 optimizers
+        self.statistics_batches = DataStream(self.task.n_train, config.batch_size, config.seed + 7919, device)
+        self.monitor = DivergenceMonitor(config.divergence_factor, device)
+        self.step = make_step(self.model, self.task.loss, self.optimizer, device, compile=config.compile)
+        self.records, self.last_eval, self.last_eval_update, self.last_eval_time = [], None, 0, 0.0
+        self.status, self.error, self.divergence_reason = "running", None, None
+        self.writer = self.progress = None
+
+    def _evaluation_sets(self) -> None:
+        config, task = self.config, self.task
+        subset = torch.randperm(task.n_train, generator=torch.Generator().manual_seed(0))  # same subset for every run
+        self.subset = subset[: min(config.train_eval_size, task.n_train)].to(self.device)
+        self.train_eval = task.train_inputs[self.subset], task.train_targets[self.subset]
+        self.test_eval = task.test_inputs[: config.test_eval_size], task.test_targets[: config.test_eval_size]
+
+    # -- starting --------------------------------------------------------------------------------
+    def header(self) -> dict:
+        config, task = self.config, self.task
+        return {"type": "header", "name": config.run_name, "config": asdict(config), "hyperparameters": self.hp,
+                "init": self.init, "init_scale": self.init_scale, "method_label": self.method.label,
+                "method_source": self.method.source, "task": task.name, "dataset": task.dataset,
+                "n_train": task.n_train, "n_test": task.test_inputs.shape[0],
+                "test_eval_size": int(self.test_eval[0].shape[0]), "train_eval_size": int(self.subset.numel()),
+                "device": str(self.device), "machine": machine_info(self.device), "versions": versions(),
+                "wall_clock": _now()}
+
+    def start(self) -> None:
+        """A fresh run: the header, then the evaluation at update 0 (which sets the divergence baseline)."""
+        self.writer = _Writer(self.results_path, "w")
+        self._write(self.header())
+        self.evaluate_and_save()
+
+    def resume(self) -> None:
+        """Continue from the checkpoint: same configuration (except the budget), model, optimizer, RNG,
+        data positions, clock and divergence baseline; the records after the checkpoint are dropped."""
+        config, device = self.config, self.device
+        checkpoint = torch.load(self.checkpoint_path, map_location=device, weights_only=False)
+        _check_same_configuration(checkpoint["config"], config)
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        _defer_optimizer_checks(self.optimizer)
+        torch.set_rng_state(checkpoint["rng"]["torch"].cpu())  # RNG states must be CPU byte tensors
+        if device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"].cpu(), device)
+        np.random.set_state(checkpoint["rng"]["numpy"])
+        random.setstate(checkpoint["rng"]["python"])
+        self.update, self.elapsed = checkpoint["update"], checkpoint["elapsed"]
+        self.batches = DataStream(self.task.n_train, config.batch_size, config.seed, device,
+                                  checkpoint["epoch"], checkpoint["position"])
+        self.statistics_batches = DataStream(self.task.n_train, config.batch_size, config.seed + 7919, device,
+                                             checkpoint["stats_epoch"], checkpoint["stats_position"])
+        self.monitor.set_baseline(checkpoint["initial_train_loss"])
+        self.records = _truncate_to_checkpoint(self.results_path, self.update)
+        self.writer = _Writer(self.results_path, "a")
+        self._write({"type": "resume", "update": self.update, "time_s": self.elapsed, "config": asdict(config),
+                     "divergence_baseline": self.monitor.baseline, "wall_clock": _now(),
+                     "machine": machine_info(device)})
+        self.last_eval = next((r for r in reversed(self.records) if r.get("type") == "eval"), None)
+        self.last_eval_update, self.last_eval_time = self.update, self.elapsed
+        if self.last_eval is not None and self.monitor.diverged(self.last_eval["train_loss"]):
+            self.status = "diverged"
+
+    # -- training --------------------------------------------------------------------------------
+    def budget_spent(self, seconds: float) -> bool:
+        config = self.config
+        return (config.max_updates is not None and self.update >= config.max_updates) or (
+            config.max_seconds is not None and seconds >= config.max_seconds)
+
+    def train_steps(self, until_update: int) -> None:
+        """The steady-state loop: updates until ``until_update`` or the budget. Nothing is read from the
+        device (the loss's divergence test stays there); the clock is read on the host."""
+        uses_statistics = self.method.uses_statistics
+        task, monitor = self.task, self.monitor
+        started = time.perf_counter()
+        seconds = self.elapsed
+        while self.update < until_update and not self.budget_spent(seconds):
+            index = self.batches.next()
+            statistics = None
+            if uses_statistics and needs_statistics(self.optimizer):
+                statistics = task.train_inputs[self.statistics_batches.next()]
+            try:
+                loss = self.step(task.train_inputs[index], task.train_targets[index], statistics)
+            except FloatingPointError as exc:  # an optimizer that checks its own updates and raises
+                self.status, self.divergence_reason = "diverged", f"{type(exc).__name__}: {exc}"
+                self.update += 1
+                break
+            monitor.observe(loss)
+            self.update += 1
+            seconds = self.elapsed + time.perf_counter() - started
+            if self.progress is not None:
+                self.progress.advance(seconds)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the clock stops when the device has finished
+        self.elapsed += time.perf_counter() - started
+
+    def train(self) -> None:
+        """Alternate :meth:`train_steps` and evaluations until the budget is spent or the run diverges."""
+        self.model.train()
+        while self.status == "running" and not self.budget_spent(self.elapsed):
+            self.train_steps(_next_eval(self.update, self.config))
+            record = self.evaluate_and_save()
+            if self.monitor.read_and_clear() or self.monitor.diverged(record["train_loss"]):
+                self.status = "diverged"
+            reason = _read_optimizer_divergence(self.optimizer)
+            if reason is not None:
+                self.status, self.divergence_reason = "diverged", self.divergence_reason or reason
+        if self.status == "running":
+            self.status = "completed"
+
+    # -- evaluating, checkpointing, finishing -------------------------------------------------------------
+    def _write(self, record: dict) -> None:
+        self.writer.write(record)
+        self.records.append(record)
+
+    def evaluate_and_save(self) -> dict:
+        config, task = self.config, self.task
+        train = evaluate(self.model, task, *self.train_eval)
+        test = evaluate(self.model, task, *self.test_eval)
+        if self.monitor.baseline is None:
+            self.monitor.set_baseline(train["loss"])
+        interval = self.update - self.last_eval_update
+        record = {"type": "eval", "update": self.update, "epoch": self.update * config.batch_size / task.n_train,
+                  "time_s": self.elapsed, "train_loss": _json_float(train["loss"]),
+                  "test_loss": _json_float(test["loss"]),
+                  "ms_per_update": (self.elapsed - self.last_eval_time) / interval * 1e3 if interval else None}
+        if task.classification:
+            record["train_error"], record["test_error"] = train["error"], test["error"]
+        self._write(record)
+        device = self.device
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+               "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        _save_checkpoint(self.checkpoint_path, {
+            "config": asdict(config), "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "rng": rng, "update": self.update, "epoch": self.batches.epoch, "position": self.batches.position,
+            "elapsed": self.elapsed, "stats_epoch": self.statistics_batches.epoch,
+            "stats_position": self.statistics_batches.position, "initial_train_loss": self.monitor.baseline})
+        self.last_eval_update, self.last_eval_time, self.last_eval = self.update, self.elapsed, record
+        if self.progress is not None:
+            self.progress.show_eval(record)
+        return record
+
+    def finish(self) -> RunResult:
+        """The ``end`` record; closes the file and the progress bar."""
+        if self.progress is not None:
+            self.progress.close()
+        final = self.last_eval or {}
+        end = {"type": "end", "status": self.status, "update": self.update, "time_s": self.elapsed,
+               "train_loss": final.get("train_loss"), "test_loss": final.get("test_loss"),
+               "ms_per_update": self.elapsed / self.update * 1e3 if self.update else None,
+               "divergence_baseline": self.monitor.baseline, "wall_clock": _now()}
+        if self.error:
+            end["error"] = self.error
+        if self.divergence_reason:
+            end["divergence"] = self.divergence_reason
+        if self.writer is not None:
+            self._write(end)
+            self.writer.close()
+        return RunResult(self.config.run_name, self.status, self.update, self.elapsed,
+                         _or_inf(final.get("train_loss")), _or_inf(final.get("test_loss")), self.results_path,
+                         self.records)
+
+
+def _now() -> str:
+    return datetime.datetime.now().isoformat(timespec="seconds")
+
+
+def _or_inf(value: float | None) -> float:
+    return value if value is not None else math.inf
+
+
+def _check_same_configuration(saved: dict, config: RunConfig) -> None:
+    """Refuse to resume when anything but the budget and display changed (fields added since the
+    checkpoint was written count as their default)."""
+    defaults = asdict(RunConfig(max_updates=1))
+    current = {k: v for k, v in asdict(config).items() if k not in RESUMABLE_CHANGES}
+    changed = sorted(k for k in current if saved.get(k, defaults[k]) != current[k])
+    if changed:
+        raise ValueError(f"Cannot resume {config.run_name}: the configuration changed ({changed}).")
+
+
 def run(config: RunConfig, out_dir: str | Path, resume: bool = False, task=None) -> RunResult:
     """Train ``config.method`` on ``config.task`` until its budget is spent or it diverges.
 
@@ -244,184 +556,17 @@ def run(config: RunConfig, out_dir: str | Path, resume: bool = False, task=None)
     may be extended, nothing else may change. ``task`` (from :func:`make_task`) may be passed to share
     loaded data between runs in one process.
     """
-    device = get_device(config.device)
-    results_path, checkpoint_path = run_paths(out_dir, config.run_name)
-    method = get_method(config.method)
-    hp = method.hyperparameters(config.hyperparameters)
-    if task is None:
-        task = make_task(config.task, sample=config.sample, dataset=config.dataset)
-    if "loss" in method.optional and "loss" not in hp:  # K-FAC samples targets from the task's own loss
-        hp["loss"] = task.sampled_loss
-    task.to(device)
-    init = config.init or task.defaults["init"]
-    init_scale = config.init_scale if config.init_scale is not None else task.defaults["init_scale"]
-
-    eval_generator = torch.Generator().manual_seed(0)  # the same training subset for every run
-    subset = torch.randperm(task.n_train, generator=eval_generator)[: min(config.train_eval_size, task.n_train)]
-    subset = subset.to(device)
-    train_eval_x, train_eval_y = task.train_inputs[subset], task.train_targets[subset]
-    test_x, test_y = task.test_inputs[: config.test_eval_size], task.test_targets[: config.test_eval_size]
-
-    torch.manual_seed(config.seed)
-    np.random.seed(config.seed % 2**32)
-    random.seed(config.seed)
-    model = task.build_model(init=init, init_scale=init_scale, seed=config.seed).to(device)
-    built = method.build(model, hp)
-    model, optimizer = built.model.to(device), built.optimizer
-
-    update, epoch, position, elapsed = 0, 0, 0, 0.0
-    stats_epoch, stats_position = 0, 0  # a second, independent data stream for statistics minibatches
-    checkpoint = None
-    if resume and checkpoint_path.exists():
-        checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=False)
-        saved = {k: v for k, v in checkpoint["config"].items() if k not in RESUMABLE_CHANGES}
-        current = {k: v for k, v in asdict(config).items() if k not in RESUMABLE_CHANGES}
-        if saved != current:
-            changed = sorted(k for k in current if saved.get(k) != current[k])
-            raise ValueError(f"Cannot resume {config.run_name}: the configuration changed ({changed}).")
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        torch.set_rng_state(checkpoint["rng"]["torch"].cpu())  # RNG states must be CPU byte tensors
-        if device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"].cpu(), device)
-        np.random.set_state(checkpoint["rng"]["numpy"])
-        random.setstate(checkpoint["rng"]["python"])
-        update, epoch, position, elapsed = (checkpoint[k] for k in ("update", "epoch", "position", "elapsed"))
-        stats_epoch, stats_position = checkpoint["stats_epoch"], checkpoint["stats_position"]
-        initial_train_loss = checkpoint["initial_train_loss"]
-        previous = _truncate_to_checkpoint(results_path, update)
-        writer = _Writer(results_path, "a")
-        writer.write({"type": "resume", "update": update, "time_s": elapsed, "config": asdict(config),
-                      "wall_clock": datetime.datetime.now().isoformat(timespec="seconds"),
-                      "machine": machine_info(device)})
-        records = previous
-    else:
-        writer = _Writer(results_path, "w")
-        header = {"type": "header", "name": config.run_name, "config": asdict(config), "hyperparameters": hp,
-                  "init": init, "init_scale": init_scale, "method_label": method.label,
-                  "method_source": method.source, "task": task.name, "dataset": task.dataset,
-                  "n_train": task.n_train, "n_test": task.test_inputs.shape[0],
-                  "test_eval_size": int(test_x.shape[0]),
-                  "train_eval_size": int(subset.numel()), "device": str(device), "machine": machine_info(device),
-                  "versions": versions(), "wall_clock": datetime.datetime.now().isoformat(timespec="seconds")}
-        writer.write(header)
-        records = [header]
-        initial_train_loss = None
-
-    progress = Progress(f"{config.method}", enabled=config.progress)
-    order = _epoch_order(task.n_train, config.seed, epoch).to(device)
-    stats_seed = config.seed + 7919
-    stats_order = _epoch_order(task.n_train, stats_seed, stats_epoch).to(device)
-    last_eval_update, last_eval_time = update, elapsed
-    status = "running"
-    last_eval = None
-
-    def evaluate_and_save() -> dict:
-        nonlocal last_eval_update, last_eval_time, initial_train_loss, last_eval
-        train = evaluate(model, task, train_eval_x, train_eval_y)
-        test = evaluate(model, task, test_x, test_y)
-        if initial_train_loss is None:
-            initial_train_loss = train["loss"]
-        interval = update - last_eval_update
-        record = {"type": "eval", "update": update, "epoch": update * config.batch_size / task.n_train,
-                  "time_s": elapsed, "train_loss": _json_float(train["loss"]), "test_loss": _json_float(test["loss"]),
-                  "ms_per_update": (elapsed - last_eval_time) / interval * 1e3 if interval else None}
-        if task.classification:
-            record["train_error"], record["test_error"] = train["error"], test["error"]
-        writer.write(record)
-        records.append(record)
-        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-               "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-        _save_checkpoint(checkpoint_path, {
-            "config": asdict(config), "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng,
-            "update": update, "epoch": epoch, "position": position, "elapsed": elapsed,
-            "stats_epoch": stats_epoch, "stats_position": stats_position,
-            "initial_train_loss": initial_train_loss})
-        last_eval_update, last_eval_time, last_eval = update, elapsed, record
-        return record
-
-    def budget_spent(seconds: float) -> bool:
-        return (config.max_updates is not None and update >= config.max_updates) or (
-            config.max_seconds is not None and seconds >= config.max_seconds)
-
-    def diverged(loss: float) -> bool:
-        return not math.isfinite(loss) or (initial_train_loss is not None
-                                           and loss > config.divergence_factor * initial_train_loss)
-
-    error = divergence_reason = None
+    state = Run(config, out_dir, task)
     try:
-        if checkpoint is None:
-            evaluate_and_save()
+        if resume and state.checkpoint_path.exists():
+            state.resume()
         else:
-            last_eval = next((r for r in reversed(records) if r.get("type") == "eval"), None)
-        if last_eval is not None and diverged(last_eval["train_loss"] if last_eval["train_loss"] is not None else math.inf):
-            status = "diverged"
-        next_eval = _next_eval(update, config)
-        model.train()
-        started = time.perf_counter()
-        while status == "running" and not budget_spent(elapsed):
-            if position + config.batch_size > task.n_train:
-                epoch, position = epoch + 1, 0
-                order = _epoch_order(task.n_train, config.seed, epoch).to(device)
-            index = order[position:position + config.batch_size]
-            position += config.batch_size
-            x, y = task.train_inputs[index], task.train_targets[index]
-            if method.uses_statistics and needs_statistics(optimizer):
-                if stats_position + config.batch_size > task.n_train:
-                    stats_epoch, stats_position = stats_epoch + 1, 0
-                    stats_order = _epoch_order(task.n_train, stats_seed, stats_epoch).to(device)
-                stats_index = stats_order[stats_position:stats_position + config.batch_size]
-                stats_position += config.batch_size
-                optimizer.update_statistics(task.train_inputs[stats_index])
-            optimizer.zero_grad(set_to_none=True)
-            loss = task.loss(model(x), y)
-            loss.backward()
-            try:
-                optimizer.step()
-            except FloatingPointError as exc:  # fso_lib.optim.DivergenceError: a non-finite update
-                status, divergence_reason = "diverged", f"{type(exc).__name__}: {exc}"
-            update += 1
-            now = time.perf_counter()
-            seconds = elapsed + now - started
-            if update % 20 == 0 or update == next_eval:
-                value = float(loss.detach())
-                if diverged(value):
-                    status = "diverged"
-                budget = (f"{update / config.max_updates:6.1%} of {config.max_updates} updates"
-                          if config.max_updates else f"{seconds / config.max_seconds:6.1%} of {config.max_seconds:g} s")
-                fraction = max(update / config.max_updates if config.max_updates else 0.0,
-                               seconds / config.max_seconds if config.max_seconds else 0.0)
-                progress.show(f"{_bar(fraction)} {budget} | update {update} | {seconds:7.1f} s | "
-                              f"minibatch loss {value:.4g} | {seconds / max(update, 1) * 1e3:.1f} ms/update")
-            if update >= next_eval or budget_spent(seconds) or status == "diverged":
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                elapsed += time.perf_counter() - started
-                record = evaluate_and_save()
-                if diverged(record["train_loss"] if record["train_loss"] is not None else math.inf):
-                    status = "diverged"
-                next_eval = _next_eval(update, config)
-                started = time.perf_counter()
-        if status == "running":
-            status = "completed"
+            state.start()
+        state.progress = ProgressBar(config, state.update, state.elapsed)
+        state.train()
     except Exception as exc:  # noqa: BLE001 - recorded, then re-raised
-        status, error = "error", f"{type(exc).__name__}: {exc}"
+        state.status, state.error = "error", f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        progress.close()
-        final = last_eval or {}
-        end = {"type": "end", "status": status, "update": update, "time_s": elapsed,
-               "train_loss": final.get("train_loss"), "test_loss": final.get("test_loss"),
-               "ms_per_update": elapsed / update * 1e3 if update else None,
-               "wall_clock": datetime.datetime.now().isoformat(timespec="seconds")}
-        if error:
-            end["error"] = error
-        if divergence_reason:
-            end["divergence"] = divergence_reason
-        writer.write(end)
-        writer.close()
-        records.append(end)
-    return RunResult(config.run_name, status, update, elapsed,
-                     final.get("train_loss") if final.get("train_loss") is not None else math.inf,
-                     final.get("test_loss") if final.get("test_loss") is not None else math.inf,
-                     results_path, records)
+        result = state.finish()
+    return result
