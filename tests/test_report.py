@@ -124,5 +124,6 @@ def test_tuning_provenance_counts_trials_over_every_search(tmp_path):
     write_search("tuning", [200.0, 170.0, 180.0])
     write_search("tuning2", [9.0, 12.0])
     prov = tuning_provenance(tmp_path, "acp")
-    assert prov == {"searches": 2, "trials": 5, "updates_per_trial": 300, "best_cost": 9.0}
+    assert prov == {"searches": 2, "trials": 5, "updates_per_trial": 300, "best_cost": 9.0,
+                    "best_cost_per_search": [170.0, 9.0]}
     assert tuning_provenance(tmp_path, "sgd")["searches"] == 0

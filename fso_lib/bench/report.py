@@ -253,16 +253,22 @@ def markdown_table(rows: list[dict], digits: int = 3, columns: list[str] | None 
 # ----------------------------------------------------------------------------- provenance
 def tuning_provenance(set_folder: str | Path, method: str, task: str = "autoencoder") -> dict:
     """How much tuning a result set's ``method`` had, read from the search files the tuner wrote
-    (``tuning*/search-TASK-METHOD.jsonl`` under ``set_folder``): number of searches, trials in all, the
-    longest trial in updates, and the best cost. ``searches == 0`` when the set holds no tuning record."""
+    (``tuning*/search-TASK-METHOD.jsonl`` under ``set_folder``, in folder order): number of searches, trials
+    in all, the longest trial in updates, the best cost overall and per search. ``searches == 0`` when the set
+    holds no tuning record."""
     searches = sorted(Path(set_folder).glob(f"tuning*/search-{task}-{method}.jsonl"))
-    trials = [r for path in searches for r in read_records(path) if r.get("type") == "trial"]
+    per_search = [[r for r in read_records(path) if r.get("type") == "trial"] for path in searches]
+    trials = [r for search in per_search for r in search]
     updates = [r.get("info", {}).get("updates") for r in trials]
     updates = [u for u in updates if u is not None]
-    costs = [r["cost"] for r in trials if r.get("cost") is not None and math.isfinite(r["cost"])]
+
+    def best(records):
+        costs = [r["cost"] for r in records if r.get("cost") is not None and math.isfinite(r["cost"])]
+        return min(costs) if costs else math.nan
+
     return {"searches": len(searches), "trials": len(trials),
             "updates_per_trial": max(updates) if updates else None,
-            "best_cost": min(costs) if costs else math.nan}
+            "best_cost": best(trials), "best_cost_per_search": [best(search) for search in per_search]}
 
 
 def seeds_per_method(runs: list[Run]) -> dict[str, int]:
