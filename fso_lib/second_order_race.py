@@ -38,7 +38,7 @@ from .losses import get_loss
 from .models import mlp
 from .optim import ACP, KFAC, DivergenceError
 
-__all__ = ["RACE_METHODS", "RACE_LOSSES", "RaceRun", "make_tiny_problem", "TEACHER_SEED", "race_run", "race_step", "DIVERGENCE_FACTOR"]
+__all__ = ["RACE_METHODS", "RACE_COLORS", "RACE_LOSSES", "RaceRun", "make_tiny_problem", "TEACHER_SEED", "race_run", "race_step", "DIVERGENCE_FACTOR"]
 
 #: Method name → label used in legends.
 RACE_METHODS = {
@@ -50,12 +50,22 @@ RACE_METHODS = {
     "acp": "ACP",
 }
 
+#: Line colour of each method in the race's plots (K-FAC and ACP keep their book colours).
+RACE_COLORS = {
+    "gd": "#7f7f7f",
+    "damped_newton": "#9467bd",
+    "gauss_newton": "#e6a100",
+    "natural_gradient": "#2ca02c",
+    "kfac": "#1f77b4",
+    "acp": "#d62728",
+}
+
 #: The losses offered (names of :func:`fso_lib.losses.get_loss`).
 RACE_LOSSES = ("squared_error", "binary_cross_entropy", "cross_entropy",
                "binary_cross_entropy_with_logits", "cross_entropy_with_logits")
 
 #: A run is stopped and called diverged when its loss exceeds this multiple of the initial loss.
-DIVERGENCE_FACTOR = 1e3
+DIVERGENCE_FACTOR = 1e2
 
 _DTYPE = torch.float64
 #: Seed of the teacher and of the inputs (never a student's seed: a 2-4-3 student would then be the teacher).
@@ -71,14 +81,19 @@ def make_tiny_problem(loss_name: str, width: int = 6, n_examples: int = 64, seed
     """
     if loss_name not in RACE_LOSSES:
         raise ValueError(f"Unknown loss {loss_name!r}; choose one of {RACE_LOSSES}.")
-    with torch.random.fork_rng():
-        torch.manual_seed(TEACHER_SEED)
-        teacher = mlp([2, 4, 3], "tanh").to(_DTYPE)
-        x = torch.randn(n_examples, 2, dtype=_DTYPE)
-        with torch.no_grad():
-            teacher_out = teacher(x)
-        torch.manual_seed(seed)
-        model = mlp([2, width, 3], "tanh").to(_DTYPE)
+    previous_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(_DTYPE)        # initialize in float64 whatever the caller's default (same numbers everywhere)
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(TEACHER_SEED)
+            teacher = mlp([2, 4, 3], "tanh")
+            x = torch.randn(n_examples, 2, dtype=_DTYPE)
+            with torch.no_grad():
+                teacher_out = teacher(x)
+            torch.manual_seed(seed)
+            model = mlp([2, width, 3], "tanh")
+    finally:
+        torch.set_default_dtype(previous_dtype)
     if loss_name == "binary_cross_entropy":
         model.append(nn.Sigmoid())
     elif loss_name == "cross_entropy":
@@ -131,11 +146,14 @@ def race_step(method: str, model: nn.Module, loss, x, y, learning_rate: float, d
 
 @dataclass(frozen=True)
 class RaceRun:
-    """The training loss before each update (``losses[0]`` at initialization) and whether the run diverged."""
+    """The training loss before each update (``losses[0]`` at initialization), the parameter norms, and
+    whether the run diverged."""
 
     method: str
     losses: tuple[float, ...]
     diverged: bool
+    #: ``‖θ‖`` at the same points as ``losses``.
+    parameter_norms: tuple[float, ...] = ()
 
     @property
     def final_loss(self) -> float:
@@ -148,10 +166,16 @@ def race_run(method: str, loss_name: str, learning_rate: float, damping: float, 
 
     Stops early, with ``diverged=True``, when the loss becomes non-finite or exceeds
     :data:`DIVERGENCE_FACTOR` times the initial loss, when a probability output saturates at exactly 0
-    or 1 (the loss rejects it), or when the library optimizer raises a :class:`~fso_lib.optim.DivergenceError`. Results are cached (same arguments, same run).
+    or 1 (the loss rejects it), or when the library optimizer raises a :class:`~fso_lib.optim.DivergenceError`.
+    Results are cached (same arguments, same run). Runs on one thread (the caller's setting is restored).
     """
-    return _cached_run(method, loss_name, float(learning_rate), float(damping), int(n_steps), int(width),
-                       int(n_examples), int(seed), int(kfac_samples))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # 39-parameter matrices: extra threads only contend (10× slower on a busy 2-core machine)
+    try:
+        return _cached_run(method, loss_name, float(learning_rate), float(damping), int(n_steps), int(width),
+                           int(n_examples), int(seed), int(kfac_samples))
+    finally:
+        torch.set_num_threads(threads)
 
 
 @lru_cache(maxsize=4096)
@@ -166,7 +190,7 @@ def _cached_run(method, loss_name, learning_rate, damping, n_steps, width, n_exa
         with torch.no_grad():
             return float(loss(model(x), y))
 
-    losses = [current_loss()]
+    losses, norms = [current_loss()], [float(_curvature.flat_parameters(model).norm())]
     diverged = False
     for _ in range(n_steps):
         try:
@@ -180,6 +204,7 @@ def _cached_run(method, loss_name, learning_rate, damping, n_steps, width, n_exa
             diverged = True
             break
         losses.append(value)
+        norms.append(float(_curvature.flat_parameters(model).norm()))
     if optimizer is not None:
         optimizer.remove_hooks()
-    return RaceRun(method, tuple(losses), diverged)
+    return RaceRun(method, tuple(losses), diverged, tuple(norms))

@@ -194,3 +194,22 @@ def test_kfac_runs_are_reproducible_and_seeded():
     a = race_run("kfac", "cross_entropy_with_logits", 0.5, 0.1, 5, width=4, n_examples=16, seed=1)
     b = race_run("kfac", "cross_entropy_with_logits", 0.5, 0.1, 5, width=4, n_examples=16, seed=1, kfac_samples=2)
     assert a.losses[0] == b.losses[0] and a.losses[1:] != b.losses[1:]   # other samples, other factors
+
+
+def test_problem_does_not_depend_on_the_default_dtype():
+    a = make_tiny_problem("squared_error")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32 if previous == torch.float64 else torch.float64)
+    try:
+        b = make_tiny_problem("squared_error")
+    finally:
+        torch.set_default_dtype(previous)
+    assert all(torch.equal(p, q) for p, q in zip(a[0].parameters(), b[0].parameters()))
+    assert torch.equal(a[2], b[2]) and torch.equal(a[3], b[3])
+
+
+def test_parameter_norms_follow_the_losses():
+    run = race_run("acp", "squared_error", 0.5, 0.1, 4, width=4, n_examples=16)
+    assert len(run.parameter_norms) == len(run.losses)
+    model, *_ = make_tiny_problem("squared_error", width=4, n_examples=16)
+    assert abs(run.parameter_norms[0] - float(torch.cat([p.reshape(-1) for p in model.parameters()]).norm())) < 1e-12
