@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -98,6 +99,44 @@ def _evals(path):
     return [(r["update"], r["train_loss"], r["test_loss"]) for r in read_records(path) if r["type"] == "eval"]
 
 
+#: what two identical runs may differ in: wall-clock stamps and the timings measured with them
+CLOCK_FIELDS = {"wall_clock", "time_s", "ms_per_update"}
+
+
+def _without_clock(record, ignore=()):
+    return {k: v for k, v in record.items() if k not in CLOCK_FIELDS and k not in ignore}
+
+
+def assert_same_run(resumed_path, reference_path, budget_differs=False):
+    """Every field of every record equal, except wall-clock stamps and timings (and the run's name, and
+    the budget the killed run was started with); the clock of the resumed run continues, never resets."""
+    resumed = [r for r in read_records(resumed_path) if r["type"] != "resume"]
+    reference = read_records(reference_path)
+    assert [r["type"] for r in resumed] == [r["type"] for r in reference]
+    ignore_config = {"name"} | ({"max_updates"} if budget_differs else set())
+    for a, b in zip(resumed, reference):
+        if a["type"] == "header":
+            assert {k: v for k, v in a["config"].items() if k not in ignore_config} == \
+                   {k: v for k, v in b["config"].items() if k not in ignore_config}
+            assert _without_clock(a, {"name", "config"}) == _without_clock(b, {"name", "config"})
+        else:
+            assert _without_clock(a) == _without_clock(b), (a, b)
+    resume = [r for r in read_records(resumed_path) if r["type"] == "resume"]
+    assert resume, "the run was not resumed"
+    evals = [r for r in read_records(resumed_path) if r["type"] == "eval"]
+    times = [r["time_s"] for r in evals]
+    assert all(t1 > t0 for t0, t1 in zip(times, times[1:])), times  # continuing, never reset
+    for record in resume:
+        at = next(r for r in evals if r["update"] == record["update"])
+        assert record["time_s"] == at["time_s"]  # the clock restarts where the checkpoint left it
+        later = [r for r in evals if r["update"] > record["update"]]
+        assert later and later[0]["time_s"] > record["time_s"]
+        baseline = next(r for r in reference if r["type"] == "eval")["train_loss"]
+        assert record["divergence_baseline"] == pytest.approx(baseline, rel=1e-6)
+    for a, b in zip(evals, evals[1:]):  # each interval's timing is its own clock difference
+        assert b["ms_per_update"] == pytest.approx((b["time_s"] - a["time_s"]) / (b["update"] - a["update"]) * 1e3)
+
+
 def test_resume_after_sigkill_continues_like_an_uninterrupted_run(tmp_path):
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     results, checkpoint = run_paths(tmp_path, "killed")
@@ -118,6 +157,7 @@ def test_resume_after_sigkill_continues_like_an_uninterrupted_run(tmp_path):
     resumed, reference = _evals(results), _evals(run_paths(tmp_path, "reference")[0])
     assert [u for u, *_ in resumed] == list(range(0, target + 1, 20))
     assert resumed == reference  # identical losses: same data order, optimizer state and RNG after the resume
+    assert_same_run(results, run_paths(tmp_path, "reference")[0], budget_differs=True)
     kinds = [r["type"] for r in read_records(results)]
     assert kinds.count("header") == 1 and kinds.count("resume") == 1 and kinds[-1] == "end"
 
@@ -160,6 +200,7 @@ def test_chapter6_methods_resume_exactly(tmp_path, method):
     resumed = run(small(method, max_updates=15, name="part", **cfg), tmp_path, resume=True)
     reference = run(small(method, max_updates=15, name="whole", **cfg), tmp_path)
     assert _evals(resumed.results_path) == _evals(reference.results_path)
+    assert_same_run(resumed.results_path, reference.results_path, budget_differs=True)
 
 
 def test_tune_range_narrows_the_declared_domain(tmp_path):
@@ -182,3 +223,137 @@ def test_tune_range_narrows_the_declared_domain(tmp_path):
     with pytest.raises(ValueError, match="not searched"):
         tune(Recording("small_autoencoder", "sgd", str(tmp_path), max_updates=1, ranges={"damping": (0.1, 1.0)}), 1,
              SerialExecutor())
+
+
+# ----------------------------------------------------------------------------- the step stays on the device
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from fso_lib.bench.runner import DivergenceMonitor, Run  # noqa: E402
+
+#: operators that make the host wait for the device: a scalar read (item/bool/float/int on a tensor),
+#: or an output whose shape depends on the data
+HOST_SYNC_OPS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+                 torch.ops.aten.masked_select.default, torch.ops.aten.equal.default,
+                 torch.ops.aten.is_nonzero.default, torch.ops.aten._unique2.default}
+
+
+class CountHostSyncs(TorchDispatchMode):
+    """Counts the operators of :data:`HOST_SYNC_OPS` dispatched while active (forward, backward, optimizer).
+
+    ``host_tensors``: tensors that live on the host whatever the device (torch.optim keeps Adam's step
+    count on the CPU unless ``capturable=True``, so reading it never waits for a GPU); reads of those
+    are not counted. On a CPU-only machine every tensor is on the host, so this is the one exclusion."""
+
+    def __init__(self, host_tensors=()):
+        super().__init__()
+        self.ops = []
+        self.host = {t.data_ptr() for t in host_tensors}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in HOST_SYNC_OPS and not (args and isinstance(args[0], torch.Tensor) and args[0].data_ptr() in self.host):
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _host_step_counters(optimizer):
+    if not isinstance(optimizer, torch.optim.Adam) or optimizer.defaults.get("capturable"):
+        return []
+    return [state["step"] for state in optimizer.state.values() if torch.is_tensor(state.get("step"))]
+
+
+def test_the_counter_sees_every_kind_of_host_read():
+    t = torch.ones(3)
+    with CountHostSyncs() as counter:
+        float(t.sum()), bool(t.sum() > 0), t.sum().item(), int(t.argmax()), t.nonzero(), torch.equal(t, t)
+    assert len(counter.ops) == 6
+    with CountHostSyncs(host_tensors=[t]) as counter:
+        t[0].item(), t.sum().item()  # t[0] is a view of t's memory: excluded; the sum is a new tensor
+    assert len(counter.ops) == 1
+
+
+def _steady_state_syncs(tmp_path, method, hp, steps=12):
+    """Host syncs per update of Run.train_steps after the first update (which may take statistics)."""
+    state = Run(small(method, hyperparameters=hp, max_updates=steps + 1, name=f"sync-{method}"), tmp_path)
+    state.start()
+    state.train_steps(1)  # the first update: statistics minibatch and inverses for the chapter-6 methods
+    per_update, step = [], state.step
+
+    def counted(*args):
+        with CountHostSyncs(_host_step_counters(state.optimizer)) as counter:
+            loss = step(*args)
+        per_update.append(counter.ops)
+        return loss
+
+    state.step = counted
+    with CountHostSyncs(_host_step_counters(state.optimizer)) as whole_loop:
+        state.train_steps(steps + 1)
+    state.finish()
+    assert len(per_update) == steps
+    return per_update, whole_loop.ops
+
+
+@pytest.mark.parametrize("method, hp", [("sgd", {"lr": 0.01}), ("sgd_momentum", {}), ("adam", {})])
+def test_the_steady_state_loop_never_reads_the_device(tmp_path, method, hp):
+    per_update, loop = _steady_state_syncs(tmp_path, method, hp)
+    assert loop == [], f"host reads in the loop: {loop}"
+
+
+@pytest.mark.parametrize("method, hp", [("acp", {"amortization_period": 1000}),
+                                        ("kfac", {"statistics_period": 1000, "inverse_period": 1000})])
+def test_chapter6_steady_state_updates_never_read_the_device(tmp_path, method, hp):
+    per_update, loop = _steady_state_syncs(tmp_path, method, hp)
+    assert loop == [], f"host reads in updates without statistics or inversion: {loop}"
+
+
+def test_divergence_monitor_flags_on_the_device_and_reads_once():
+    monitor = DivergenceMonitor(10.0, torch.device("cpu"))
+    with CountHostSyncs() as counter:
+        monitor.observe(torch.tensor(1e6))  # no baseline yet: only non-finite losses count
+        monitor.set_baseline(2.0)
+        monitor.observe(torch.tensor(19.0))
+    assert counter.ops == [] and not monitor.read_and_clear()
+    monitor.observe(torch.tensor(21.0))
+    monitor.observe(torch.tensor(1.0))  # a later good loss does not clear the flag
+    assert monitor.read_and_clear() and not monitor.read_and_clear()
+    monitor.observe(torch.tensor(float("nan")))
+    assert monitor.read_and_clear()
+    assert monitor.diverged(None) and monitor.diverged(20.5) and not monitor.diverged(19.9)
+
+
+def test_a_non_finite_minibatch_loss_between_evaluations_is_caught(tmp_path):
+    """A single NaN minibatch loss after update 3 must mark the run diverged at the next evaluation,
+    even though the evaluated loss itself is finite (the planted NaN does not touch the parameters)."""
+    state = Run(small("sgd", hyperparameters={"lr": 0.01}, max_updates=40, eval_every=20, name="nan"), tmp_path)
+    state.start()
+    step = state.step
+
+    def poisoned(*args):
+        loss = step(*args)
+        return loss * float("nan") if state.update == 3 else loss
+
+    state.step = poisoned
+    state.train()
+    result = state.finish()
+    assert result.status == "diverged" and result.updates == 20 and math.isfinite(result.train_loss)
+
+
+def _cxx_compiler():
+    return next((name for name in (os.environ.get("CXX"), "g++", "c++", "clang++") if name and shutil.which(name)), None)
+
+
+@pytest.mark.skipif(_cxx_compiler() is None,
+                    reason="torch.compile on a CPU generates C++ kernels and no C++ compiler ($CXX, g++, c++, clang++) is here")
+@pytest.mark.parametrize("method, hp", [("sgd_momentum", {"lr": 0.01, "momentum": 0.9}), ("adam", {})])
+def test_compiled_step_gives_the_eager_run(tmp_path, method, hp):
+    """RunConfig(compile=True): torch.compile'd forward/backward and optimizer step (CUDA graphs on a GPU).
+    On the CPU it must reproduce the eager run's evaluations to float32 rounding."""
+    common = dict(hyperparameters=hp, max_updates=20, eval_every=10, train_eval_size=300)
+    eager = run(small(method, name="eager", **common), tmp_path)
+    compiled = run(small(method, name="compiled", compile=True, **common), tmp_path)
+    a = [r for r in eager.records if r["type"] == "eval"]
+    b = [r for r in compiled.records if r["type"] == "eval"]
+    assert [r["update"] for r in b] == [0, 10, 20] and compiled.status == "completed"
+    assert b[-1]["train_loss"] < 0.9 * b[0]["train_loss"]  # it trained
+    for x, y in zip(a, b):
+        assert y["train_loss"] == pytest.approx(x["train_loss"], rel=1e-5)
+        assert y["test_loss"] == pytest.approx(x["test_loss"], rel=1e-5)
