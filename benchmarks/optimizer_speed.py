@@ -1,25 +1,36 @@
 """Wall-clock cost of one update of each chapter-6 optimizer on the deep autoencoder (thesis §6.6).
 
 Every optimizer trains its own copy of the 784-1000-500-250-30-250-500-1000-784 autoencoder on the
-same minibatches (size 200 by default). Updates are timed in windows of ``--window`` updates,
-the optimizers *interleaved* window by window (so that a change in the machine's load hits them
-all alike), for ``--rounds`` rounds. Printed per optimizer:
+same minibatches (size 200 by default), in one process. Updates are timed in windows of ``--window``
+updates (default 100: each window holds exactly one inversion of the amortized methods, N = 100, and ten
+K-FAC statistics passes), the optimizers *interleaved* window by window (so that a change in the
+machine's load hits them all alike), for ``--rounds`` rounds. Printed per optimizer:
 
-* ``median ms``: the median over rounds of the mean time per update in a window (the steady state);
-* ``amortized ms``: total time / total updates, including the statistics minibatches and inversions
-  that fall every N updates;
-* the ratio of each to SGD, computed round by round (same round, same load) and then the median.
+* ``median ms``: the median over all timed updates of one update's time (the steady state);
+* ``amortized ms``: total time / total updates, including the statistics minibatches and inversions;
+* ``× SGD``: the amortized time over SGD's, computed round by round (same round, same load), then the median;
+* the breakdown of the amortized time: ``forward`` (model and loss), ``backward`` (``loss.backward()``),
+  ``precondition`` (``opt.step()`` on updates that invert nothing), ``statistics`` (``update_statistics``,
+  amortized), ``inversion`` (the extra time of the steps that refresh an inverse, amortized).
 
-The FLOP count of the preconditioning (benchmarks facts) puts ACP at ≈1.4× and K-FAC at ≈1.8× an SGD
-step at minibatch 200 when the products are ordered well. Performance is printed, never asserted.
+``*_autograd_grads`` rows run the same optimizer with ``weight_grads=True``: autograd forms every weight
+gradient as before the optimizers learned to skip it, so the two rows show what skipping it saves.
+The FLOP count of the preconditioning (benchmark facts) puts ACP at ≈1.4× and K-FAC at ≈1.8× an SGD
+step at minibatch 200. Performance is printed (and written with ``--out``), never asserted.
 
-    python benchmarks/optimizer_speed.py [--batch 200] [--window 10] [--rounds 7] [--only sgd,acp,kfac]
+    python benchmarks/optimizer_speed.py [--threads 2] [--batch 200] [--window 100] [--rounds 3]
+        [--only sgd,acp,kfac] [--out data/results/speed/optimizer_speed.json]
 """
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
+import os
+import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -31,28 +42,55 @@ CONFIGS = {
     "sgd": ("sgd", dict(lr=0.05)),
     "adam": ("adam", dict(lr=1e-3)),
     "centered_gd": ("centered_gd", dict(lr=0.05)),
+    "centered_gd_autograd_grads": ("centered_gd", dict(lr=0.05, weight_grads=True)),
     "mean_only_batchnorm": ("mean_only_batchnorm", dict(lr=0.05)),
     "batchnorm": ("batchnorm", dict(lr=0.05)),
     "acp": ("acp", dict(lr=0.01, amortization_period=100)),
+    "acp_autograd_grads": ("acp", dict(lr=0.01, amortization_period=100, weight_grads=True)),
     "acp_fixed_alpha": ("acp_fixed_alpha", dict(lr=0.01, amortization_period=100)),
     "kfac": ("kfac", dict(lr=0.01, statistics_period=10, inverse_period=100)),
+    "kfac_autograd_grads": ("kfac", dict(lr=0.01, statistics_period=10, inverse_period=100, weight_grads=True)),
     "kfac_stats_every_step": ("kfac", dict(lr=0.01, statistics_period=1, inverse_period=20)),
     "natural_nn": ("natural_nn", dict(lr=0.01, amortization_period=100)),
 }
+PHASES = ("forward", "backward", "precondition", "statistics", "inversion")
 
 
 def squared_error(output, target):
     return (output - target).square().sum(dim=1).mean()
 
 
+def _refreshes(opt) -> bool:
+    """Whether the next step of ``opt`` recomputes an inverse (read before the step)."""
+    period = getattr(opt, "inverse_period", None) or getattr(opt, "amortization_period", None)
+    if period is None or not hasattr(opt, "n_updates"):
+        return False
+    if hasattr(opt, "inverse_period"):
+        return opt.n_updates % period == 0
+    # ACP inverts at the first step after each statistics update; NNN re-whitens inside update_statistics
+    return opt.n_updates % period == 0 and type(opt).__name__ == "ACP"
+
+
+def machine_description() -> dict:
+    model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            model = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": model, "logical_cpus": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=200)
-    parser.add_argument("--window", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--window", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--only", type=str, default=None, help="comma-separated subset of " + ",".join(CONFIGS))
+    parser.add_argument("--out", type=str, default=None, help="write the results as JSON to this path")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -61,47 +99,94 @@ def main(argv=None):
         names.insert(0, "sgd")
     torch.manual_seed(0)
     data = torch.rand(4 * args.batch, 784)  # the cost does not depend on the pixel values
+    load_before = os.getloadavg()
 
     runs = {}
     for name in names:
         registry_name, hyper = CONFIGS[name]
         model = prepare_model(registry_name, deep_autoencoder(seed=0))
-        runs[name] = dict(model=model, opt=make_optimizer(registry_name, model, **hyper), k=0, windows=[], total=0.0, updates=0)
+        runs[name] = dict(model=model, opt=make_optimizer(registry_name, model, **hyper), k=0,
+                          rounds=[], times=[], steps=[])
 
-    def update(run):
+    def update(run, record: bool):
         k = run["k"]
         x = data[(k % 4) * args.batch:(k % 4 + 1) * args.batch]
         opt, model = run["opt"], run["model"]
+        t0 = time.perf_counter()
         if needs_statistics(opt):
             opt.update_statistics(data[((k + 2) % 4) * args.batch:((k + 2) % 4 + 1) * args.batch])
+        t1 = time.perf_counter()
         opt.zero_grad()
-        squared_error(model(x), x).backward()
+        loss = squared_error(model(x), x)
+        t2 = time.perf_counter()
+        loss.backward()
+        t3 = time.perf_counter()
+        refresh = _refreshes(opt)
         opt.step()
+        t4 = time.perf_counter()
         run["k"] = k + 1
+        if record:
+            run["times"].append(dict(statistics=t1 - t0, forward=t2 - t1, backward=t3 - t2, step=t4 - t3,
+                                     total=t4 - t0, refresh=refresh))
 
     for run in runs.values():
         for _ in range(args.warmup):
-            update(run)
+            update(run, record=False)
     for _ in range(args.rounds):
         for run in runs.values():
             start = time.perf_counter()
             for _ in range(args.window):
-                update(run)
-            elapsed = time.perf_counter() - start
-            run["windows"].append(elapsed / args.window)
-            run["total"] += elapsed
-            run["updates"] += args.window
+                update(run, record=True)
+            run["rounds"].append((time.perf_counter() - start) / args.window)
+    load_after = os.getloadavg()
 
-    sgd = runs["sgd"]["windows"]
-    print(f"deep autoencoder, minibatch {args.batch}, {args.rounds} rounds × {args.window} updates, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'optimizer':<24}{'median ms':>10}{'× SGD':>8}{'amortized ms':>14}{'× SGD':>8}")
-    sgd_amortized = runs["sgd"]["total"] / runs["sgd"]["updates"]
+    sgd_rounds = runs["sgd"]["rounds"]
+    results = {}
     for name, run in runs.items():
-        ratio = statistics.median(w / s for w, s in zip(run["windows"], sgd))
-        amortized = run["total"] / run["updates"]
-        print(f"{name:<24}{1e3 * statistics.median(run['windows']):>10.1f}{ratio:>8.2f}"
-              f"{1e3 * amortized:>14.1f}{amortized / sgd_amortized:>8.2f}")
+        times = run["times"]
+        n = len(times)
+        plain_steps = [t["step"] for t in times if not t["refresh"]]
+        plain_step = statistics.mean(plain_steps) if plain_steps else 0.0
+        breakdown = {
+            "forward": sum(t["forward"] for t in times) / n,
+            "backward": sum(t["backward"] for t in times) / n,
+            "precondition": plain_step,
+            "statistics": sum(t["statistics"] for t in times) / n,
+            "inversion": sum(t["step"] - plain_step for t in times if t["refresh"]) / n,
+        }
+        ratios = [w / s for w, s in zip(run["rounds"], sgd_rounds)]
+        results[name] = {
+            "registry_name": CONFIGS[name][0],
+            "hyperparameters": CONFIGS[name][1],
+            "median_update_ms": 1e3 * statistics.median(t["total"] for t in times),
+            "amortized_ms": 1e3 * sum(run["rounds"]) / len(run["rounds"]),
+            "ratio_to_sgd_amortized": statistics.median(ratios),
+            "ratio_to_sgd_per_round": ratios,
+            "breakdown_ms": {phase: 1e3 * value for phase, value in breakdown.items()},
+            "refreshes_timed": sum(t["refresh"] for t in times),
+        }
+
+    print(f"deep autoencoder, minibatch {args.batch}, {args.rounds} rounds × {args.window} updates, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load_before[0]:.2f} → {load_after[0]:.2f}")
+    print(f"{'optimizer':<28}{'median ms':>10}{'amortized':>10}{'× SGD':>7} |" + "".join(f"{p[:12]:>13}" for p in PHASES))
+    for name, r in results.items():
+        print(f"{name:<28}{r['median_update_ms']:>10.1f}{r['amortized_ms']:>10.1f}{r['ratio_to_sgd_amortized']:>7.2f} |"
+              + "".join(f"{r['breakdown_ms'][p]:>13.2f}" for p in PHASES))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "benchmark": "benchmarks/optimizer_speed.py",
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine_description(),
+            "threads": torch.get_num_threads(),
+            "batch": args.batch, "window": args.window, "rounds": args.rounds, "warmup": args.warmup,
+            "load_average_1min": {"before": load_before[0], "after": load_after[0]},
+            "units": "milliseconds per update; ratios are median over rounds of (amortized ms / SGD's amortized ms)",
+            "results": results,
+        }
+        out.write_text(json.dumps(payload, indent=1) + "\n")
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":

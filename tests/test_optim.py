@@ -107,19 +107,21 @@ def test_acp_heuristic_alpha_printed_bias_and_amortized_inverse():
             assert torch.allclose(layer.bias, b - lr * g.mean(0) / alpha, atol=1e-12)  # printed: no −ΔW h̄
 
 
-def test_kfac_step_is_the_damped_inverse_of_its_factored_block():
+@pytest.mark.parametrize("weight_grads", [False, True])
+def test_kfac_step_is_the_damped_inverse_of_its_factored_block(weight_grads):
     model, x, y = _problem(3)
     lam, lr = 0.03, 0.5
     # a deterministic "sampled" loss so that the factors can be recomputed here
     target = torch.randn(x.shape[0], 2, **F64)
-    opt = KFAC(model, lr=lr, damping=lam, momentum=0.0, loss=lambda out: ((out - target) ** 2).sum(1).mean(),
-               statistics_period=1, inverse_period=1)
-    opt.update_statistics(x)
     stats_model = copy.deepcopy(model)
+    opt = KFAC(model, lr=lr, damping=lam, momentum=0.0, loss=lambda out: ((out - target) ** 2).sum(1).mean(),
+               statistics_period=1, inverse_period=1, weight_grads=weight_grads)
+    opt.update_statistics(x)
     stats_opt = torch.optim.SGD(stats_model.parameters(), lr=0.0)
     hs_stats, gs_stats, _ = _forward_backward(stats_model, stats_opt, x, target)
     hs, gs, before = _forward_backward(model, opt, x, y)
-    grads = [torch.cat([l.weight.grad, l.bias.grad[:, None]], 1) for l in linear_layers(model)]
+    # ∇_[W b] L = (1/n) Σ_i ∇_{a_i} l [h_i; 1]ᵀ from the hooks (autograd's W.grad is not formed by default)
+    grads = [g.T @ torch.cat([h, torch.ones(h.shape[0], 1, **F64)], 1) / h.shape[0] for h, g in zip(hs, gs)]
     opt.step()
     for layer, h, g, grad, (w, b) in zip(linear_layers(model), hs_stats, gs_stats, grads, before):
         ha = torch.cat([h, torch.ones(h.shape[0], 1, **F64)], 1)
@@ -240,10 +242,10 @@ def test_registry_builds_every_optimizer_and_each_lowers_the_loss():
         model, x, y = _problem(8, n=32)
         model = prepare_model(name, model)
         opt = make_optimizer(name, model, lr=spec.defaults["lr"] * 0.5)
-        start = float(_loss(model, x, y))
+        start = float(_loss(model, x, y).detach())
         for _ in range(5):
             _step(opt, model, x, y, x)
-        assert float(_loss(model, x, y)) < start, name
+        assert float(_loss(model, x, y).detach()) < start, name
     with pytest.raises(ValueError, match="prepare_model"):
         make_optimizer("batchnorm", mlp([3, 2]))
     with pytest.raises(ValueError, match="Unknown optimizer"):

@@ -11,10 +11,21 @@ How a harness runs any of them (``x_stats`` is a separate minibatch of inputs, a
         opt.zero_grad()
         loss = loss_fn(model(x), y)             # any scalar loss averaged over the minibatch
         loss.backward()
-        opt.step()                              # raises DivergenceError on a non-finite update
+        opt.step()                              # raises DivergenceError on a non-finite update (check_every=1)
+
+No host synchronization per step: build with ``make_optimizer(name, model, check_every=None)`` and call
+``check_divergence(opt)`` at evaluation time (or every K updates): it raises :class:`DivergenceError` if a
+non-finite update was skipped since the last check (parameters kept from before it), and is a no-op for
+torch's optimizers. ``opt.diverged`` is the flag itself, a 0-dim bool tensor on the device.
+
+ACP, K-FAC and centered GD form their updates from the captured layer inputs and pre-activation
+gradients: they switch ``requires_grad`` off on the weights, so ``loss.backward()`` skips autograd's weight
+GEMMs and ``W.grad`` stays ``None``. Pass ``weight_grads=True`` to keep it, or call ``opt.materialize_grads()``
+between ``backward()`` and ``step()`` to fill it from the captured statistics.
 
 K-FAC samples targets from the model's output distribution: pass ``loss="squared_error"`` (the default,
-``mean_i ‖f_i − y_i‖²``), ``"bernoulli"`` or ``"softmax_cross_entropy"`` matching the training loss.
+``mean_i ‖f_i − y_i‖²``), ``"bernoulli"`` (outputs are probabilities in [0, 1]) or ``"softmax_cross_entropy"`` (outputs are logits),
+matching the training loss.
 """
 from __future__ import annotations
 
@@ -25,15 +36,16 @@ import torch
 from torch import nn
 
 from ..normalization import MeanOnlyBatchNorm1d, with_batch_norm
-from .acp import ACP, BIAS_UPDATES
-from .base import DivergenceError, LayerwiseOptimizer, damped_inverse, needs_statistics
+from .acp import ACP, BIAS_UPDATES, acp_product_order
+from .base import DivergenceError, LayerwiseOptimizer, check_divergence, damped_inverse, needs_statistics
 from .centered import CenteredSGD
-from .kfac import KFAC, SAMPLED_LOSSES
+from .kfac import KFAC, SAMPLED_LOSSES, kfac_product_order
 from .natural import NaturalNeuralNetwork, WhitenedLinear, whiten_model
 
 __all__ = [
     "ACP", "KFAC", "CenteredSGD", "NaturalNeuralNetwork", "WhitenedLinear", "whiten_model",
-    "DivergenceError", "LayerwiseOptimizer", "damped_inverse", "needs_statistics",
+    "DivergenceError", "LayerwiseOptimizer", "damped_inverse", "needs_statistics", "check_divergence",
+    "acp_product_order", "kfac_product_order",
     "OptimizerSpec", "OPTIMIZERS", "make_optimizer", "prepare_model", "BIAS_UPDATES", "SAMPLED_LOSSES",
 ]
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import LayerwiseOptimizer, damped_inverse
+from .base import DivergenceError, LayerwiseOptimizer, damped_inverse
 
-__all__ = ["ACP", "BIAS_UPDATES"]
+__all__ = ["ACP", "BIAS_UPDATES", "acp_product_order"]
 
 BIAS_UPDATES = {
     "derived": "Δb = (1/α) mean_i ∇_{a_i} l − ΔW h̄   (eq. 6.3.4)",
@@ -35,7 +35,19 @@ class ACP(LayerwiseOptimizer):
         of the minibatch on which the inverse is refreshed, so that it can be cached);
         ``amortization_period``: N; ``bias_update``: ``"derived"`` or ``"printed"`` (see
         :data:`BIAS_UPDATES`); ``momentum``: heavy-ball momentum on the update (0 in the thesis).
+
+    Options (see :class:`~fso_lib.optim.base.LayerwiseOptimizer`): ``weight_grads`` (default False:
+    autograd does not form ``W.grad``; the update is formed from the captured ``h`` and ``∂L/∂a``;
+    ``materialize_grads()`` fills ``W.grad`` on demand), ``check_every`` (how often ``step()`` reads the
+    non-finite flag), ``check_finite``.
+
+    Product order: per layer the cheaper of two orders is used (:func:`acp_product_order`):
+    ``"gradient"`` preconditions the averaged, centered gradient ``(gᵀ(h − h̄)) P`` (out·in² after the
+    gradient; from autograd's ``∇_W − ∇_b h̄ᵀ`` when ``weight_grads``), ``"batch"`` ("large batch": cheaper
+    when ``n_out > n``) computes ``gᵀ((h − h̄) P)``.
     """
+
+    forms_weight_gradient = True
 
     def __init__(
         self,
@@ -47,6 +59,8 @@ class ACP(LayerwiseOptimizer):
         bias_update: str = "derived",
         momentum: float = 0.0,
         check_finite: bool = True,
+        weight_grads: bool = False,
+        check_every: int | None = 1,
     ):
         if bias_update not in BIAS_UPDATES:
             raise ValueError(f"bias_update must be one of {sorted(BIAS_UPDATES)}, got {bias_update!r}")
@@ -57,7 +71,7 @@ class ACP(LayerwiseOptimizer):
         if amortization_period < 1:
             raise ValueError("amortization_period must be at least 1")
         defaults = dict(lr=lr, damping=damping, alpha=alpha, bias_update=bias_update, momentum=momentum)
-        super().__init__(model, defaults, check_finite=check_finite)
+        super().__init__(model, defaults, check_finite=check_finite, weight_grads=weight_grads, check_every=check_every)
         self.amortization_period = int(amortization_period)
 
     # -- statistics ----------------------------------------------------------------------------------
@@ -95,18 +109,41 @@ class ACP(LayerwiseOptimizer):
             self._store_covariance(state, h, self.n_updates)
         alpha = self._per_example_alpha(group, g)
         if state.get("inverse") is None:
-            epsilon = group["damping"] / float(alpha)
-            state["inverse"] = damped_inverse(state["covariance"], epsilon, what=f"input covariance of layer {k}")
+            covariance = state["covariance"]
+            if not bool(torch.isfinite(covariance).all()):  # one host read per refresh, not per step
+                raise DivergenceError(
+                    f"ACP: the input covariance of layer {k} contains inf or NaN: the statistics minibatch "
+                    "contained non-finite values (or the forward pass overflowed); the damping is not the cause."
+                )
+            epsilon = group["damping"] / alpha  # a float, or a 0-dim tensor for the heuristic α (no host read)
+            state["inverse"] = damped_inverse(covariance, epsilon, what=f"input covariance of layer {k}")
             state["epsilon"] = epsilon
         inverse = state["inverse"]
         mean = h.mean(dim=0)
-        # order the products by cost: out·in² (precondition the averaged gradient) vs n·in² + n·in·out
-        if n_out * n_in <= n * (n_in + n_out):
-            d_weight = torch.addr(weight.grad, bias.grad, mean, alpha=-1.0) @ inverse
+        bias_grad = bias.grad
+        if acp_product_order(n, n_in, n_out, self.weight_grads) == "gradient":
+            if self.weight_grads:  # Σ_i g_i (h_i − h̄)ᵀ = ∇_W − ∇_b h̄ᵀ from autograd's gradient
+                centered_grad = torch.addr(weight.grad, bias_grad, mean, alpha=-1.0)
+            else:  # centre first: no cancellation between ∇_W and ∇_b h̄ᵀ
+                centered_grad = g.T @ (h - mean)
+            d_weight = centered_grad @ inverse
         else:
             d_weight = g.T @ ((h - mean) @ inverse)
         d_weight.div_(alpha)
-        d_bias = bias.grad / alpha
+        d_bias = bias_grad / alpha
         if group["bias_update"] == "derived":
             d_bias = d_bias - d_weight @ mean
         return d_weight, d_bias
+
+
+def acp_product_order(n: int, n_in: int, n_out: int, weight_grads: bool) -> str:
+    """Which order ACP uses for ``gᵀ (h − h̄) P`` on a layer with a minibatch of ``n`` examples.
+
+    ``"gradient"``: precondition the centered gradient, ``(gᵀh − ḡ h̄ᵀ) P`` — out·in² multiply-adds, plus
+    n·in·out to form ``gᵀh`` unless autograd already did (``weight_grads``). ``"batch"`` (the large-batch
+    order): ``gᵀ ((h − h̄) P)`` — n·in² + n·in·out. Without autograd's gradient, "gradient" wins iff
+    ``n_out ≤ n``; with it, iff ``n_out · n_in ≤ n · (n_in + n_out)``.
+    """
+    if weight_grads:
+        return "gradient" if n_out * n_in <= n * (n_in + n_out) else "batch"
+    return "gradient" if n_out <= n else "batch"

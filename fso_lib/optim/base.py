@@ -1,5 +1,5 @@
 """What the chapter-6 optimizers share: per-layer parameter groups, hooks, the statistics minibatch,
-divergence checks and a state_dict that resumes exactly (thesis §6.4)."""
+divergence checks kept on the device, and a state_dict that resumes exactly (thesis §6.4)."""
 from __future__ import annotations
 
 import torch
@@ -7,7 +7,7 @@ from torch import nn
 
 from ..layer_stats import LayerCapture, supported_linear_layers
 
-__all__ = ["DivergenceError", "LayerwiseOptimizer", "damped_inverse", "needs_statistics"]
+__all__ = ["DivergenceError", "LayerwiseOptimizer", "damped_inverse", "needs_statistics", "check_divergence"]
 
 
 class DivergenceError(FloatingPointError):
@@ -20,11 +20,20 @@ def needs_statistics(optimizer) -> bool:
     return bool(method()) if callable(method) else False
 
 
-def damped_inverse(matrix: torch.Tensor, damping: float, what: str = "matrix") -> torch.Tensor:
+def check_divergence(optimizer) -> None:
+    """Raise :class:`DivergenceError` if a :class:`LayerwiseOptimizer` skipped a non-finite update since the
+    last check (one host read); a no-op for torch's optimizers, which have no such flag."""
+    method = getattr(optimizer, "check_divergence", None)
+    if callable(method):
+        method()
+
+
+def damped_inverse(matrix: torch.Tensor, damping, what: str = "matrix") -> torch.Tensor:
     """``(matrix + damping · I)⁻¹`` for a symmetric positive semi-definite ``matrix``, by Cholesky.
 
-    Tries the matrix's own precision first and float64 only if that factorization fails; raises
-    :class:`DivergenceError` if even float64 finds the damped matrix not positive definite.
+    ``damping`` is a float or a 0-dim tensor. Tries the matrix's own precision first and float64 only if
+    that factorization fails; raises :class:`DivergenceError` if even float64 finds the damped matrix not
+    positive definite. Reads the factorization's status on the host (called once per refresh, not per step).
     """
     damped = matrix.clone()
     damped.diagonal().add_(damping)
@@ -37,7 +46,7 @@ def damped_inverse(matrix: torch.Tensor, damping: float, what: str = "matrix") -
     chol, info = torch.linalg.cholesky_ex(damped64)
     if int(info) != 0 or not bool(torch.isfinite(damped64).all()):
         raise DivergenceError(
-            f"The damped {what} is not positive definite even in float64 (damping {damping:.3g}); "
+            f"The damped {what} is not positive definite even in float64 (damping {float(damping):.3g}); "
             "its entries may have blown up. Try a larger damping or a smaller learning rate."
         )
     return torch.cholesky_inverse(chol).to(matrix.dtype)
@@ -57,21 +66,65 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         opt.step()
 
     ``step(closure)`` also works: the closure must zero the gradients, run the forward and backward
-    passes and return the loss. A non-finite loss or update raises :class:`DivergenceError`
-    before any parameter changes.
+    passes and return the loss.
+
+    **Weight gradients** (``weight_grads``). The update of each layer is formed from the captured inputs
+    ``h`` and pre-activation gradients ``∂L/∂a``, so autograd's weight gradient ``(∂L/∂a)ᵀ h`` (one GEMM
+    per layer) is not needed. With ``weight_grads=False`` (the default for the optimizers that form
+    their own update: ACP, K-FAC, centered GD) the optimizer switches ``requires_grad`` off on the
+    weights it preconditions; the biases keep it, so ``loss.backward()`` still produces every
+    pre-activation gradient, and ``W.grad`` stays ``None``. To get ``W.grad`` anyway:
+
+    * ``weight_grads=True`` in the constructor: autograd forms it as usual (one extra GEMM per layer and
+      update), and the update is computed from it exactly as before; or
+    * ``opt.materialize_grads()`` after ``loss.backward()`` and before ``opt.step()``: writes
+      ``W.grad = (∂L/∂a)ᵀ h`` (and leaves ``b.grad``) from the captured statistics, on demand.
+
+    :meth:`remove_hooks` gives the weights their ``requires_grad`` back.
+
+    **Non-finite updates** (``check_every``). A step never reads a value back to the host. If the loss
+    returned by the closure or any update is not finite, the step changes nothing (parameters and
+    momentum buffers are kept, by a device-side ``torch.where``-style mask) and sets the 0-dim bool
+    tensor :attr:`diverged`; from then on every step is skipped the same way until the flag is checked.
+    :meth:`check_divergence` reads the flag (one host synchronization) and raises
+    :class:`DivergenceError` naming the first bad update, then clears it. ``check_every=1`` (default)
+    checks inside every ``step()`` (the behaviour of a plain training loop: the step that diverged
+    raises); ``check_every=K`` checks every K steps; ``check_every=None`` never checks inside ``step()``:
+    the caller calls ``opt.check_divergence()`` (or reads ``opt.diverged``) at evaluation time.
+    ``check_finite=False`` removes the test altogether.
     """
 
     capture_inputs = True
     capture_grads = True
+    #: whether this optimizer can form its update without autograd's weight gradient
+    forms_weight_gradient = False
 
-    def __init__(self, model: nn.Module, defaults: dict, check_finite: bool = True):
+    def __init__(self, model: nn.Module, defaults: dict, check_finite: bool = True, weight_grads: bool = True,
+                 check_every: int | None = 1):
+        if check_every is not None and int(check_every) < 1:
+            raise ValueError(f"check_every must be a positive number of steps or None, got {check_every}")
         self.model = model
         self.layers = self._find_layers(model)
         groups = [{"params": self._layer_params(layer), "layer": k} for k, layer in enumerate(self.layers)]
         super().__init__(groups, defaults)
         self.check_finite = check_finite
+        self.check_every = None if check_every is None else int(check_every)
+        self.weight_grads = bool(weight_grads) or not self.forms_weight_gradient
         self.n_updates = 0
         self.capture = LayerCapture(model, inputs=self.capture_inputs, grads=self.capture_grads, layers=self.layers)
+        self._frozen_weights = []
+        if not self.weight_grads:
+            for group in self.param_groups:
+                weight = group["params"][0]
+                if weight.requires_grad:
+                    weight.requires_grad_(False)
+                    self._frozen_weights.append(weight)
+        device = self.param_groups[0]["params"][0].device
+        self._diverged = torch.zeros((), dtype=torch.bool, device=device)
+        self._divergence_update = torch.full((), -1, dtype=torch.int64, device=device)
+        self._divergence_loss = torch.full((), float("nan"), device=device)
+        self._divergence_in_loss = torch.zeros((), dtype=torch.bool, device=device)
+        self._device_updates = torch.zeros((), dtype=torch.int64, device=device)
 
     # -- hooks for subclasses ---------------------------------------------------------------------
     def _find_layers(self, model: nn.Module) -> list[nn.Module]:
@@ -82,7 +135,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     def _layer_update(self, k: int, group: dict, h, g):
         """Return the descent directions (dW, db) of layer ``k``; the step is ``−lr · direction``.
-        Every subclass defines it."""
+        The returned tensors belong to the optimizer (it may modify them in place). Every subclass
+        defines it."""
         raise TypeError(f"{type(self).__name__} does not define _layer_update.")
 
     def _before_updates(self) -> None:
@@ -90,6 +144,24 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     def _scale_updates(self, updates):
         return updates
+
+    # -- gradients from the captured statistics ---------------------------------------------------------
+    def _weight_gradient(self, group: dict, h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """``∇_W L``: autograd's ``.grad`` when it was formed, else ``gᵀ h`` from the captured statistics."""
+        weight = group["params"][0]
+        if self.weight_grads:
+            return weight.grad
+        return g.T @ h
+
+    def materialize_grads(self) -> None:
+        """Fill ``W.grad`` of every layer with ``(∂L/∂a)ᵀ h`` from the statistics captured by the last
+        forward/backward pass (call it after ``loss.backward()`` and before ``step()``). A no-op when
+        autograd already forms the weight gradients (``weight_grads=True``)."""
+        if self.weight_grads:
+            return
+        for k, group in enumerate(self.param_groups):
+            h, g = self._captured(k)
+            group["params"][0].grad = g.T @ h
 
     # -- statistics minibatch -------------------------------------------------------------------------
     def needs_statistics(self) -> bool:
@@ -123,49 +195,94 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             )
         return h, g
 
+    @property
+    def diverged(self) -> torch.Tensor:
+        """0-dim bool tensor on the parameters' device: True when a non-finite loss or update was skipped
+        since the last :meth:`check_divergence`. Reading it with ``bool()`` synchronizes with the device."""
+        return self._diverged
+
+    def check_divergence(self) -> None:
+        """Raise :class:`DivergenceError` if a non-finite loss or update was skipped since the last check,
+        and clear the flag (one host read). The parameters are those from before the first bad update."""
+        if not bool(self._diverged):
+            return
+        update = int(self._divergence_update)
+        in_loss = bool(self._divergence_in_loss)
+        loss = float(self._divergence_loss)
+        self._diverged.fill_(False)
+        self._divergence_in_loss.fill_(False)
+        self._divergence_update.fill_(-1)
+        if in_loss:
+            raise DivergenceError(
+                f"{type(self).__name__}: the loss is {loss} at update {update}; the parameters were not changed. "
+                "Try a smaller learning rate or a larger damping."
+            )
+        raise DivergenceError(
+            f"{type(self).__name__}: the update at step {update} is not finite (inf or NaN); "
+            "the parameters were not changed. Try a smaller learning rate, a larger damping, "
+            "or clipping the step (e.g. K-FAC's kl_clip)."
+        )
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-            if self.check_finite and loss is not None and not bool(torch.isfinite(torch.as_tensor(loss)).all()):
-                raise DivergenceError(
-                    f"{type(self).__name__}: the loss is {float(loss)} at update {self.n_updates}; "
-                    "try a smaller learning rate or a larger damping."
-                )
         self._before_updates()
         updates = []
         for k, group in enumerate(self.param_groups):
             h, g = self._captured(k)
             updates.append(self._layer_update(k, group, h, g))
         updates = self._scale_updates(updates)
+        skip = None
         if self.check_finite:
             total = torch.stack([u.sum() for pair in updates for u in pair]).sum()
-            if not bool(torch.isfinite(total)):
-                raise DivergenceError(
-                    f"{type(self).__name__}: the update at step {self.n_updates} is not finite (inf or NaN); "
-                    "the parameters were not changed. Try a smaller learning rate, a larger damping, "
-                    "or clipping the step (e.g. K-FAC's kl_clip)."
-                )
+            bad_update = ~torch.isfinite(total)
+            if loss is not None:
+                loss_t = torch.as_tensor(loss, device=self._diverged.device).detach().float().reshape(())
+                bad_loss = ~torch.isfinite(loss_t)
+            else:
+                loss_t, bad_loss = None, torch.zeros_like(bad_update)
+            bad = bad_update | bad_loss
+            first = bad & ~self._diverged
+            self._divergence_update.copy_(torch.where(first, self._device_updates, self._divergence_update))
+            self._divergence_in_loss.copy_(torch.where(first, bad_loss, self._divergence_in_loss))
+            if loss_t is not None:
+                self._divergence_loss.copy_(torch.where(first, loss_t, self._divergence_loss))
+            self._diverged.logical_or_(bad)
+            skip = self._diverged
         for group, pair in zip(self.param_groups, updates):
-            self._apply(group, pair)
+            self._apply(group, pair, skip)
+        if self.check_finite and self.check_every is not None and (self.n_updates + 1) % self.check_every == 0:
+            self.check_divergence()
+        self._device_updates.add_(1)
         self.n_updates += 1
         self.capture.clear()
         return loss
 
-    def _apply(self, group: dict, pair) -> None:
+    def _apply(self, group: dict, pair, skip) -> None:
+        """``p ← p − lr · direction`` (heavy ball: ``buf ← momentum · buf + direction``, ``p ← p − lr · buf``);
+        when the 0-dim bool ``skip`` is True the parameters and buffers stay as they are (no host read)."""
         lr, momentum = group["lr"], group.get("momentum", 0.0)
         for p, direction in zip(group["params"], pair):
+            if skip is not None:
+                direction.masked_fill_(skip, 0.0)
             if momentum:
                 state = self.state[p]
                 buf = state.get("momentum_buffer")
                 if buf is None:
                     buf = state["momentum_buffer"] = direction.clone()
-                else:
+                elif skip is None:
                     buf.mul_(momentum).add_(direction)
-                direction = buf
-            p.add_(direction, alpha=-lr)
+                else:
+                    buf.mul_(torch.where(skip, 1.0, momentum).to(buf.dtype)).add_(direction)
+                if skip is None:
+                    p.add_(buf, alpha=-lr)
+                else:
+                    p.addcmul_(buf, torch.where(skip, 0.0, -lr).to(p.dtype))
+            else:
+                p.add_(direction, alpha=-lr)
 
     # -- saving -----------------------------------------------------------------------------------
     def state_dict(self):
@@ -176,8 +293,13 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict):
         state_dict = dict(state_dict)
         self.n_updates = int(state_dict.pop("n_updates", 0))
+        self._device_updates.fill_(self.n_updates)
         super().load_state_dict(state_dict)
 
     def remove_hooks(self) -> None:
-        """Take this optimizer's hooks off the model (it can no longer step)."""
+        """Take this optimizer's hooks off the model (it can no longer step) and give the weights their
+        ``requires_grad`` back."""
         self.capture.remove()
+        for weight in self._frozen_weights:
+            weight.requires_grad_(True)
+        self._frozen_weights = []

@@ -6,9 +6,9 @@ import math
 import torch
 from torch import nn
 
-from .base import LayerwiseOptimizer, damped_inverse
+from .base import DivergenceError, LayerwiseOptimizer, damped_inverse
 
-__all__ = ["KFAC", "SAMPLED_LOSSES"]
+__all__ = ["KFAC", "SAMPLED_LOSSES", "kfac_product_order"]
 
 
 def _squared_error_sample(output: torch.Tensor) -> torch.Tensor:
@@ -18,7 +18,7 @@ def _squared_error_sample(output: torch.Tensor) -> torch.Tensor:
 
 
 def _bernoulli_sample(output: torch.Tensor) -> torch.Tensor:
-    # output holds probabilities (sigmoid already applied), loss = binary cross-entropy summed over units
+    """Binary cross-entropy summed over units, targets ~ Bernoulli(output): ``output`` holds probabilities."""
     p = output.detach().clamp(1e-7, 1 - 1e-7)
     target = torch.bernoulli(p)
     out = output.clamp(1e-7, 1 - 1e-7)
@@ -26,12 +26,14 @@ def _bernoulli_sample(output: torch.Tensor) -> torch.Tensor:
 
 
 def _softmax_sample(output: torch.Tensor) -> torch.Tensor:
-    # output holds logits, loss = multiclass cross-entropy
+    """Multiclass cross-entropy, target ~ softmax(output): ``output`` holds logits (no softmax applied)."""
     target = torch.multinomial(torch.softmax(output.detach(), dim=1), 1).squeeze(1)
     return nn.functional.cross_entropy(output, target)
 
 
 #: Losses K-FAC knows how to sample targets for: name → sampled loss (mean over examples) of the output.
+#: ``"squared_error"``: any real outputs; ``"bernoulli"``: outputs are **probabilities** in [0, 1] (a sigmoid
+#: output layer, as in the deep autoencoder); ``"softmax_cross_entropy"``: outputs are **logits**.
 SAMPLED_LOSSES = {
     "squared_error": _squared_error_sample,
     "bernoulli": _bernoulli_sample,
@@ -52,15 +54,31 @@ class KFAC(LayerwiseOptimizer):
 
     (factored Tikhonov damping with Martens & Grosse's π correction, §6.3 of their paper).
 
+    * ``loss`` names the model's predictive distribution, i.e. the training loss:
+      ``"squared_error"`` (default, ``mean_i ‖f_i − y_i‖²``, any real outputs); ``"bernoulli"`` (binary
+      cross-entropy: the model's outputs must be **probabilities** in [0, 1], e.g. a sigmoid output layer;
+      outputs outside [0, 1] raise a ``ValueError`` at the next inversion); ``"softmax_cross_entropy"``
+      (multiclass cross-entropy: the outputs must be **logits**, before any softmax); or a callable
+      ``output -> sampled loss averaged over examples``, or an object with ``sample_target``.
     * ``update_statistics(x)`` (every ``statistics_period`` updates) runs a forward pass on ``x``,
-      samples targets from the model's output distribution (``loss``: a name in
-      :data:`SAMPLED_LOSSES` or a callable ``output -> sampled loss averaged over examples``), and
+      samples targets from the model's output distribution, and
       backpropagates to the pre-activations only; ``A`` and ``G`` are running averages with weight
       ``running_average`` on the past.
     * The damped inverses are recomputed every ``inverse_period`` updates (amortized inversion).
     * ``momentum``: heavy-ball momentum on the preconditioned step; ``kl_clip``: if set, the step is
-      scaled so that ``lr² · Σ ⟨Δ, ∇⟩ ≤ kl_clip`` (a trust region that keeps low damping stable).
+      scaled so that ``lr² · Σ ⟨Δ, ∇⟩ ≤ kl_clip`` (a trust region that keeps low damping stable),
+      computed on the device (no host read).
+    * Options of :class:`~fso_lib.optim.base.LayerwiseOptimizer`: ``weight_grads`` (default False: the
+      update is formed from the captured ``h`` and ``∂L/∂a`` without autograd's ``W.grad``;
+      ``materialize_grads()`` fills it on demand), ``check_every``, ``check_finite``.
+    * Product order: per layer the cheapest association of ``G⁻¹ gᵀ [h 1] A⁻¹`` is used
+      (:func:`kfac_product_order`); the "large-batch" one, ``(g G⁻¹)ᵀ ([h 1] A⁻¹)``, when ``n`` is small
+      against both factor sizes.
+    * A statistics minibatch with inf/NaN (or outputs outside [0, 1] for ``"bernoulli"``) is recorded on
+      the device and reported at the next inversion with an error that says so.
     """
+
+    forms_weight_gradient = True
 
     def __init__(
         self,
@@ -74,9 +92,12 @@ class KFAC(LayerwiseOptimizer):
         running_average: float = 0.95,
         kl_clip: float | None = None,
         check_finite: bool = True,
+        weight_grads: bool = False,
+        check_every: int | None = 1,
     ):
         if damping <= 0:
             raise ValueError("damping must be positive")
+        self.loss_name = loss if isinstance(loss, str) else None
         if isinstance(loss, str):
             if loss not in SAMPLED_LOSSES:
                 raise ValueError(f"Unknown loss {loss!r}; choose one of {sorted(SAMPLED_LOSSES)} or pass a callable.")
@@ -86,7 +107,11 @@ class KFAC(LayerwiseOptimizer):
             loss = lambda output: loss_object(output, loss_object.sample_target(output.detach()))  # noqa: E731
         if not callable(loss):
             raise TypeError("loss must be a name, a callable output -> sampled loss, or an object with sample_target")
-        super().__init__(model, dict(lr=lr, damping=damping, momentum=momentum), check_finite=check_finite)
+        super().__init__(model, dict(lr=lr, damping=damping, momentum=momentum), check_finite=check_finite,
+                         weight_grads=weight_grads, check_every=check_every)
+        device = self._diverged.device
+        self._statistics_input_nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        self._statistics_output_out_of_range = torch.zeros((), dtype=torch.bool, device=device)
         self.sampled_loss = loss
         self.statistics_period = int(statistics_period)
         self.inverse_period = int(inverse_period)
@@ -109,8 +134,12 @@ class KFAC(LayerwiseOptimizer):
         handles = [layer.register_forward_hook(record(k)) for k, layer in enumerate(self.layers)]
         self.capture.enabled = False
         try:
+            self._statistics_input_nonfinite.logical_or_(~torch.isfinite(x).all())
             with torch.enable_grad():
                 output = self.model(x)
+                if self.loss_name == "bernoulli":
+                    detached = output.detach()
+                    self._statistics_output_out_of_range.logical_or_(((detached < 0) | (detached > 1)).any())
                 sampled = self.sampled_loss(output)
                 # backpropagate to the pre-activations only: no weight gradient is formed or stored
                 grads = torch.autograd.grad(sampled, [preactivations[k] for k in range(len(self.layers))])
@@ -138,13 +167,36 @@ class KFAC(LayerwiseOptimizer):
                 state["G"].mul_(rho).add_(g_new, alpha=1 - rho)
             state["factor_updates"] = state.get("factor_updates", 0) + 1
 
+    def _check_statistics(self):
+        """One host read per inversion: refuse non-finite factors and out-of-range Bernoulli outputs with
+        an error that names the cause (not the damping)."""
+        finite = torch.stack([torch.isfinite(self.state[layer.weight]["A"]).all()
+                              & torch.isfinite(self.state[layer.weight]["G"]).all() for layer in self.layers])
+        flags = torch.stack([finite.all(), self._statistics_input_nonfinite, self._statistics_output_out_of_range]).tolist()
+        if flags[2]:
+            raise ValueError(
+                "KFAC(loss='bernoulli') expects the model's outputs to be probabilities in [0, 1] (a sigmoid "
+                "output layer), but the statistics minibatch gave outputs outside [0, 1]. Add a sigmoid to the "
+                "model, or use loss='squared_error' / 'softmax_cross_entropy' (logits) to match the training loss."
+            )
+        if not flags[0]:
+            bad = [k for k, ok in enumerate(finite.tolist()) if not ok]
+            cause = ("a statistics minibatch contained non-finite values (inf or NaN)" if flags[1]
+                     else "the statistics pass produced non-finite values (the network's activations or "
+                          "gradients overflowed: the parameters may have blown up)")
+            raise DivergenceError(
+                f"KFAC: the curvature factors of layer(s) {bad} contain inf or NaN: {cause}. "
+                "The factors are running averages, so they stay non-finite; the damping is not the cause."
+            )
+
     def _refresh_inverses(self):
+        self._check_statistics()
         for k, (group, layer) in enumerate(zip(self.param_groups, self.layers)):
             state = self.state[layer.weight]
             a, g = state["A"], state["G"]
             gamma = math.sqrt(group["damping"])
-            pi = math.sqrt((float(a.diagonal().mean())) / max(float(g.diagonal().mean()), 1e-30))
-            pi = min(max(pi, 1e-8), 1e8)
+            # π = sqrt((tr A / dim A) / (tr G / dim G)), kept on the device
+            pi = (a.diagonal().mean() / g.diagonal().mean().clamp_min(1e-30)).sqrt().clamp(1e-8, 1e8)
             state["A_inverse"] = damped_inverse(a, pi * gamma, what=f"input factor of layer {k}")
             state["G_inverse"] = damped_inverse(g, gamma / pi, what=f"gradient factor of layer {k}")
 
@@ -161,30 +213,35 @@ class KFAC(LayerwiseOptimizer):
         a_inv, g_inv = state["A_inverse"], state["G_inverse"]
         n, n_in = h.shape
         n_out = g.shape[1]
-        cost_gradient = n_out * n_out * (n_in + 1) + n_out * (n_in + 1) ** 2
-        cost_batch = n * n_out * n_out + n * (n_in + 1) ** 2 + n * n_out * (n_in + 1)
-        if cost_gradient <= cost_batch:
-            grad = torch.cat([weight.grad, bias.grad[:, None]], dim=1)
+        left, right = kfac_product_order(n, n_in, n_out, self.weight_grads)
+        if left == "gradient" and right == "gradient":
+            grad = torch.cat([self._weight_gradient(group, h, g), bias.grad[:, None]], dim=1)
             direction = g_inv @ grad @ a_inv
-        else:
-            # (g G⁻¹)ᵀ ([h 1] A⁻¹), with [h 1] A⁻¹ = h A⁻¹[:n_in] + A⁻¹[n_in]
-            right = torch.addmm(a_inv[n_in], h, a_inv[:n_in])
-            direction = (g @ g_inv).T @ right
+            if self.kl_clip is not None:
+                state["kl_term"] = (direction * grad).sum()
+            return direction[:, :n_in], direction[:, n_in]
+        # [h 1] A⁻¹ = h A⁻¹[:n_in] + A⁻¹[n_in]
+        h_a = torch.addmm(a_inv[n_in], h, a_inv[:n_in]) if right == "batch" else None
+        g_g = g @ g_inv if left == "batch" else None
+        if left == "batch" and right == "batch":
+            direction = g_g.T @ h_a
+        elif left == "batch":      # ((g G⁻¹)ᵀ [h 1]) A⁻¹
+            direction = torch.cat([g_g.T @ h, g_g.sum(0)[:, None]], dim=1) @ a_inv
+        else:                      # G⁻¹ (gᵀ ([h 1] A⁻¹))
+            direction = g_inv @ (g.T @ h_a)
+        if self.kl_clip is not None:
+            # ⟨Δ, gᵀ[h 1]⟩ = Σ_i g_iᵀ Δ [h_i; 1], without forming the weight gradient
+            state["kl_term"] = (g * (torch.addmm(direction[:, n_in], h, direction[:, :n_in].T))).sum()
         return direction[:, :n_in], direction[:, n_in]
 
     def _scale_updates(self, updates):
         if self.kl_clip is None:
             return updates
         lr = self.param_groups[0]["lr"]
-        quadratic = sum(
-            (dw * group["params"][0].grad).sum() + (db * group["params"][1].grad).sum()
-            for group, (dw, db) in zip(self.param_groups, updates)
-        )
-        quadratic = float(quadratic) * lr * lr
-        if quadratic > self.kl_clip:
-            scale = math.sqrt(self.kl_clip / quadratic)
-            updates = [(dw * scale, db * scale) for dw, db in updates]
-        return updates
+        quadratic = torch.stack([self.state[layer.weight]["kl_term"] for layer in self.layers]).sum() * (lr * lr)
+        # scale = sqrt(kl_clip / quadratic) when quadratic > kl_clip, else 1, on the device
+        scale = torch.where(quadratic > self.kl_clip, (self.kl_clip / quadratic).sqrt(), torch.ones_like(quadratic))
+        return [(dw * scale, db * scale) for dw, db in updates]
 
     def state_dict(self):
         sd = super().state_dict()
@@ -197,3 +254,23 @@ class KFAC(LayerwiseOptimizer):
         self.statistics_period = int(state_dict.pop("statistics_period", self.statistics_period))
         self.inverse_period = int(state_dict.pop("inverse_period", self.inverse_period))
         super().load_state_dict(state_dict)
+
+
+def kfac_product_order(n: int, n_in: int, n_out: int, weight_grads: bool) -> tuple[str, str]:
+    """How K-FAC associates ``G⁻¹ gᵀ [h 1] A⁻¹`` for a layer with a minibatch of ``n`` examples.
+
+    Returns ``(left, right)``: ``left = "batch"`` applies ``G⁻¹`` to the n rows of ``g`` (n·out²) rather
+    than to the formed (out × in+1) product (out²·(in+1)); ``right = "batch"`` applies ``A⁻¹`` to the n
+    rows of ``[h 1]`` (n·(in+1)²) rather than to the product (out·(in+1)²). With autograd's gradient
+    available (``weight_grads``) the choice is between the two pure orders, as before: "gradient" on both
+    sides (``G⁻¹ ∇ A⁻¹``) or "batch" on both (``(g G⁻¹)ᵀ ([h 1] A⁻¹)``, the large-batch order). Without
+    it every product forms the n·out·(in+1) term anyway, and each side is chosen on its own.
+    """
+    m = n_in + 1
+    if weight_grads:
+        cost_gradient = n_out * n_out * m + n_out * m * m
+        cost_batch = n * n_out * n_out + n * m * m + n * n_out * m
+        return ("gradient", "gradient") if cost_gradient <= cost_batch else ("batch", "batch")
+    left = "gradient" if n_out * m <= n * n_out else "batch"   # out²·m vs n·out²  ⇔  m ≤ n
+    right = "gradient" if n_out <= n else "batch"            # out·m² vs n·m²    ⇔  out ≤ n
+    return left, right

@@ -111,18 +111,20 @@ class NaturalNeuralNetwork(LayerwiseOptimizer):
     covariance, a gradient step on ``V`` is a step preconditioned by ``C⁻¹`` on the equivalent ``W``.
 
     Hyperparameters: ``lr``; ``damping`` (ε added to the covariance before its inverse square root);
-    ``amortization_period`` (N); ``momentum``.
+    ``amortization_period`` (N); ``momentum``. ``check_every``: see :class:`~fso_lib.optim.base.LayerwiseOptimizer`
+    (the update is the gradient of ``V``, so autograd's ``V.grad`` is always formed and used).
     """
 
     capture_inputs = False
     capture_grads = False
 
     def __init__(self, model: nn.Module, lr: float = 0.01, damping: float = 1e-2, amortization_period: int = 100,
-                 momentum: float = 0.0, check_finite: bool = True):
+                 momentum: float = 0.0, check_finite: bool = True, check_every: int | None = 1):
         whiten_model(model)
         if damping <= 0:
             raise ValueError("damping must be positive")
-        super().__init__(model, dict(lr=lr, damping=damping, momentum=momentum), check_finite=check_finite)
+        super().__init__(model, dict(lr=lr, damping=damping, momentum=momentum), check_finite=check_finite,
+                         check_every=check_every)
         self.amortization_period = int(amortization_period)
 
     def _find_layers(self, model):
@@ -159,4 +161,4 @@ class NaturalNeuralNetwork(LayerwiseOptimizer):
 
     def _layer_update(self, k, group, h, g):
         v, d = group["params"]
-        return v.grad, d.grad
+        return v.grad.clone(), d.grad.clone()
