@@ -343,7 +343,8 @@ def _cxx_compiler():
 
 @pytest.mark.skipif(_cxx_compiler() is None,
                     reason="torch.compile on a CPU generates C++ kernels and no C++ compiler ($CXX, g++, c++, clang++) is here")
-@pytest.mark.parametrize("method, hp", [("sgd_momentum", {"lr": 0.01, "momentum": 0.9}), ("adam", {})])
+@pytest.mark.parametrize("method, hp", [("sgd_momentum", {"lr": 0.01, "momentum": 0.9}), ("adam", {}),
+                                        ("kfac", {"statistics_period": 2, "inverse_period": 4})])
 def test_compiled_step_gives_the_eager_run(tmp_path, method, hp):
     """RunConfig(compile=True): torch.compile'd forward/backward and optimizer step (CUDA graphs on a GPU).
     On the CPU it must reproduce the eager run's evaluations to float32 rounding."""
