@@ -358,3 +358,11 @@ def test_compiled_step_gives_the_eager_run(tmp_path, method, hp):
     for x, y in zip(a, b):
         assert y["train_loss"] == pytest.approx(x["train_loss"], rel=1e-5)
         assert y["test_loss"] == pytest.approx(x["test_loss"], rel=1e-5)
+
+
+def test_progress_bar_is_tqdm_on_stderr(tmp_path, capsys):
+    run(small("sgd", hyperparameters={"lr": 0.01}, max_updates=20, progress=True, name="bar"), tmp_path)
+    err = capsys.readouterr().err
+    assert "sgd: 100%" in err and "20/20" in err and "train loss=" in err
+    run(small("sgd", hyperparameters={"lr": 0.01}, max_seconds=0.3, max_updates=None, progress=True, name="t"), tmp_path)
+    assert "/0.3 s of training" in capsys.readouterr().err

@@ -304,28 +304,35 @@ def make_step(model, loss_fn, optimizer, device: torch.device, compile: bool = F
 
 
 class ProgressBar:
-    """A ``tqdm.auto`` bar over the run's budget (updates, or seconds when only a time budget is set):
-    a text bar in a terminal, a widget in JupyterLab. Host-side only."""
+    """A ``tqdm.auto`` bar over the run's budget (updates, or training seconds when only a time budget is
+    set): a text bar in a terminal, a widget in JupyterLab. Host-side only; the latest evaluation's train
+    loss is shown beside it."""
 
     def __init__(self, config: RunConfig, update: int, elapsed: float):
         self.by_updates = config.max_updates is not None
-        total = config.max_updates if self.by_updates else config.max_seconds
-        self.bar = tqdm(total=total, initial=update if self.by_updates else round(elapsed, 1),
-                        unit="update" if self.by_updates else "s", desc=config.method,
-                        disable=not config.progress, dynamic_ncols=True, file=sys.stderr)
-        self.shown_seconds = elapsed
+        if self.by_updates:
+            self.bar = tqdm(total=config.max_updates, initial=update, unit="update", desc=config.method,
+                            disable=not config.progress, dynamic_ncols=True, file=sys.stderr)
+        else:
+            self.bar = tqdm(total=config.max_seconds, initial=round(elapsed, 1), desc=config.method,
+                            disable=not config.progress, dynamic_ncols=True, file=sys.stderr,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:g} s of training{postfix}")
+        self.last_redraw = time.monotonic()
 
     def advance(self, seconds: float) -> None:
         if self.by_updates:
             self.bar.update(1)
-        elif seconds - self.shown_seconds >= 0.1:
-            self.bar.update(round(seconds - self.shown_seconds, 1))
-            self.shown_seconds += round(seconds - self.shown_seconds, 1)
+        elif time.monotonic() - self.last_redraw >= 0.5:
+            self.bar.n = round(min(seconds, self.bar.total), 1)
+            self.bar.refresh()
+            self.last_redraw = time.monotonic()
 
     def show_eval(self, record: dict) -> None:
         postfix = {"train loss": f"{record['train_loss']:.4g}" if record["train_loss"] is not None else "nan"}
         if record.get("ms_per_update"):
             postfix["ms/update"] = f"{record['ms_per_update']:.1f}"
+        if not self.by_updates:
+            self.bar.n = round(min(record["time_s"], self.bar.total), 1)
         self.bar.set_postfix(postfix, refresh=False)
 
     def close(self) -> None:
