@@ -10,6 +10,11 @@ Files of a run named ``NAME`` in ``out_dir``:
   ``end`` record (status ``completed``, ``diverged`` or ``error``);
 * ``checkpoints/NAME.pt`` (git-ignored): model, optimizer, RNG states, position in the data order, clock,
   rewritten atomically at each evaluation, so that :func:`run` with ``resume=True`` continues a killed run.
+
+The steady-state loop (:meth:`Run.train_steps`) keeps the whole step on the device: the update is
+:func:`fso_lib.training.training_step`, the divergence test of each minibatch loss folds into a device
+flag (:class:`DivergenceMonitor`), and the flags (the runner's and a chapter-6 optimizer's) are read at
+each evaluation. ``RunConfig(compile=True)`` compiles the step (:func:`make_step`).
 """
 from __future__ import annotations
 
