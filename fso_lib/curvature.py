@@ -128,8 +128,10 @@ def _check_inputs(model: nn.Module, loss, x: torch.Tensor, y: torch.Tensor | Non
     _check_finite(x, "The input x")
     if y is not None:
         _check_finite(y, "The target y")
-    for name, parameter in model.named_parameters():
-        _check_finite(parameter.detach(), f"The model's parameter {name!r}")
+    named = list(model.named_parameters())
+    if named and not bool(torch.stack([torch.isfinite(p.detach()).all() for _, p in named]).all()):  # one read
+        for name, parameter in named:
+            _check_finite(parameter.detach(), f"The model's parameter {name!r}")
     if x.dim() < 1 or (y is not None and y.dim() >= 1 and y.shape[0] != x.shape[0]):
         raise ValueError(f"x has {x.shape[0]} rows but the target y has shape {tuple(y.shape)}: expected one "
                          f"target row per example, i.e. y of shape ({x.shape[0]}, k) (or ({x.shape[0]},) class labels).")
