@@ -30,8 +30,9 @@ Conventions
   probability rows ``(n, k)`` (one-hot or soft). Any other shape (``(1, k)``, float ``(n,)``, integer
   ``(n, 1)``, a different number of rows) raises ``ValueError`` naming the expected shape: broadcasting
   would otherwise give a silently wrong value and curvature.
-* The probability forms check that the output is a probability (every entry in ``(0, 1)``, rows of
-  :class:`CrossEntropy` summing to 1) and raise ``ValueError`` otherwise: their formulas mean nothing
+* The probability forms check that the output is a probability (:class:`BinaryCrossEntropy`: every
+  entry in ``(0, 1)``; :class:`CrossEntropy`: entries in ``(0, 1]``, rows summing to 1, the tolerance
+  ``10·sqrt(eps)`` of the dtype) and raise ``ValueError`` otherwise: their formulas mean nothing
   outside, and the Fisher of a negative "probability" has negative eigenvalues. The check is skipped
   inside ``torch.func`` transforms (where it cannot run); :mod:`fso_lib.curvature` runs it before.
 """
