@@ -366,3 +366,17 @@ def test_progress_bar_is_tqdm_on_stderr(tmp_path, capsys):
     assert "sgd: 100%" in err and "20/20" in err and "train loss=" in err
     run(small("sgd", hyperparameters={"lr": 0.01}, max_seconds=0.3, max_updates=None, progress=True, name="t"), tmp_path)
     assert "/0.3 s of training" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["acp", "kfac"])
+def test_chapter6_divergence_is_read_from_the_optimizers_flag_at_evaluation(tmp_path, method):
+    """The runner builds the chapter-6 optimizers with check_every=None (no host read per step) and reads
+    their non-finite flag at the next evaluation: the run stops there, with the optimizer's reason."""
+    state = Run(small(method, task="classification", hyperparameters={"lr": 1e6}, max_updates=60), tmp_path)
+    assert state.optimizer.check_every is None
+    state.start()
+    state.train()
+    result = state.finish()
+    assert result.status == "diverged" and result.updates == 10
+    assert result.records[-1]["divergence"].startswith(f"DivergenceError: {type(state.optimizer).__name__}")
+    assert all(bool(torch.isfinite(p).all()) for p in state.model.parameters())  # the bad update was skipped

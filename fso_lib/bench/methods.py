@@ -101,6 +101,10 @@ CHAPTER6_METHODS = {
 def _chapter6_build(name: str):
     def build(model: nn.Module, hp: dict) -> Built:
         model = fso_optim.prepare_model(name, model)  # batch norm: a copy with BN layers; NNN: whitened
+        spec = fso_optim.OPTIMIZERS[name]
+        if isinstance(spec.build, type) and issubclass(spec.build, fso_optim.LayerwiseOptimizer):
+            # no host read per step: the runner reads the optimizer's non-finite flag at each evaluation
+            hp = {**hp, "check_every": None}
         return Built(model, fso_optim.make_optimizer(name, model, **hp))
     return build
 

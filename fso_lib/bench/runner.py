@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from ..config import get_device
 from ..training import training_step
-from ..optim.base import needs_statistics
+from ..optim import DivergenceError, check_divergence, needs_statistics
 from .methods import get_method
 from .tasks import make_task
 
@@ -262,22 +262,13 @@ class DivergenceMonitor:
 
 
 def _read_optimizer_divergence(optimizer) -> str | None:
-    """Read (and clear) the device-side flag of a chapter-6 optimizer, if it has one: the reason, or None."""
-    check = getattr(optimizer, "check_divergence", None)
-    if not callable(check):
-        return None
+    """Read (and clear) the device-side non-finite flag of a chapter-6 optimizer (built with
+    ``check_every=None`` by :mod:`.methods`): the reason it diverged, or None. A no-op for torch's."""
     try:
-        check()
-    except FloatingPointError as exc:  # fso_lib.optim.DivergenceError
+        check_divergence(optimizer)
+    except DivergenceError as exc:
         return f"{type(exc).__name__}: {exc}"
     return None
-
-
-def _defer_optimizer_checks(optimizer) -> None:
-    """Let a chapter-6 optimizer keep its non-finite flag on the device (``check_every=None``): the runner
-    reads it at each evaluation instead of once per step."""
-    if hasattr(optimizer, "check_every"):
-        optimizer.check_every = None
 
 
 def make_step(model, loss_fn, optimizer, device: torch.device, compile: bool = False):
@@ -381,7 +372,6 @@ class Run:
         model = self.task.build_model(init=self.init, init_scale=self.init_scale, seed=config.seed).to(device)
         built = method.build(model, self.hp)
         self.model, self.optimizer = built.model.to(device), built.optimizer
-        _defer_optimizer_checks(self.optimizer)
         self.update, self.elapsed = 0, 0.0
         self.batches = DataStream(self.task.n_train, config.batch_size, config.seed, device)
         # a second, independent stream for the statistics minibatches of the chapter-6 optimizers
@@ -424,7 +414,6 @@ class Run:
         _check_same_configuration(checkpoint["config"], config)
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
-        _defer_optimizer_checks(self.optimizer)
         torch.set_rng_state(checkpoint["rng"]["torch"].cpu())  # RNG states must be CPU byte tensors
         if device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(checkpoint["rng"]["cuda"].cpu(), device)
