@@ -276,13 +276,21 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 elif skip is None:
                     buf.mul_(momentum).add_(direction)
                 else:
-                    buf.mul_(torch.where(skip, 1.0, momentum).to(buf.dtype)).add_(direction)
+                    buf.mul_(torch.where(skip, self._scalar(1.0, buf), self._scalar(momentum, buf))).add_(direction)
                 if skip is None:
                     p.add_(buf, alpha=-lr)
                 else:
-                    p.addcmul_(buf, torch.where(skip, 0.0, -lr).to(p.dtype))
+                    p.addcmul_(buf, torch.where(skip, self._scalar(0.0, p), self._scalar(-lr, p)))
             else:
                 p.add_(direction, alpha=-lr)
+
+    def _scalar(self, value: float, like: torch.Tensor) -> torch.Tensor:
+        """A cached 0-dim tensor holding ``value`` in ``like``'s dtype and device (no copy per step)."""
+        key = (float(value), like.dtype, like.device)
+        cache = self.__dict__.setdefault("_scalars", {})
+        if key not in cache:
+            cache[key] = torch.full((), value, dtype=like.dtype, device=like.device)
+        return cache[key]
 
     # -- saving -----------------------------------------------------------------------------------
     def state_dict(self):
