@@ -113,6 +113,14 @@ def _class_targets(target: torch.Tensor, output: torch.Tensor, loss_name: str) -
     return target.to(output.dtype)
 
 
+def _vectors(vectors: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """One vector per example, ``(n, k)`` like the output (a product never broadcasts one row to all)."""
+    vectors, shape = _as_matrix(vectors), tuple(_as_matrix(output).shape)
+    if tuple(vectors.shape) != shape:
+        raise ValueError(f"Expected one vector per example, of shape (n, k) = {shape}; got {tuple(vectors.shape)}.")
+    return vectors
+
+
 def _inside_transform(t: torch.Tensor) -> bool:
     """True inside ``torch.func`` transforms, where data-dependent checks cannot run."""
     return torch._C._functorch.is_functorch_wrapped_tensor(t)
@@ -182,11 +190,11 @@ class Loss(ABC):
 
     def output_hessian_product(self, output: torch.Tensor, target: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
         """``(∂²l/∂f²)_i v_i`` for each row ``v_i`` of ``vectors`` ``(n, k)``, without the ``(n, k, k)`` tensor."""
-        return torch.einsum("nkl,nl->nk", self.output_hessian(output, target), _as_matrix(vectors))
+        return torch.einsum("nkl,nl->nk", self.output_hessian(output, target), _vectors(vectors, output))
 
     def fisher_output_product(self, output: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
         """``D_i v_i`` for each row ``v_i`` of ``vectors`` ``(n, k)``, without the ``(n, k, k)`` tensor."""
-        return torch.einsum("nkl,nl->nk", self.fisher_output_matrix(output), _as_matrix(vectors))
+        return torch.einsum("nkl,nl->nk", self.fisher_output_matrix(output), _vectors(vectors, output))
 
     def target_matrix(self, target: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """The target as a float ``(n, k)`` matrix matching ``output`` (``ValueError`` for any other shape)."""
@@ -248,10 +256,10 @@ class SquaredError(Loss):
 
     def output_hessian_product(self, output, target, vectors):
         self.target_matrix(target, _as_matrix(output))
-        return 2.0 * self.scale * _as_matrix(vectors)
+        return 2.0 * self.scale * _vectors(vectors, output)
 
     def fisher_output_product(self, output, vectors):
-        return 2.0 * self.scale * _as_matrix(vectors)
+        return 2.0 * self.scale * _vectors(vectors, output)
 
     def sample_target(self, output, generator=None):
         output = _as_matrix(output).detach()
@@ -297,11 +305,11 @@ class BinaryCrossEntropy(Loss):
     def output_hessian_product(self, output, target, vectors):
         output = self.check_output(output)
         y = self.target_matrix(target, output)
-        return (y / output ** 2 + (1 - y) / (1 - output) ** 2) * _as_matrix(vectors)
+        return (y / output ** 2 + (1 - y) / (1 - output) ** 2) * _vectors(vectors, output)
 
     def fisher_output_product(self, output, vectors):
         output = self.check_output(output)
-        return _as_matrix(vectors) / (output * (1 - output))
+        return _vectors(vectors, output) / (output * (1 - output))
 
     def sample_target(self, output, generator=None):
         output = self.check_output(output).detach()
@@ -343,10 +351,10 @@ class CrossEntropy(Loss):
 
     def output_hessian_product(self, output, target, vectors):
         output = self.check_output(output)
-        return self.target_matrix(target, output) / output ** 2 * _as_matrix(vectors)
+        return self.target_matrix(target, output) / output ** 2 * _vectors(vectors, output)
 
     def fisher_output_product(self, output, vectors):
-        return _as_matrix(vectors) / self.check_output(output)
+        return _vectors(vectors, output) / self.check_output(output)
 
     def sample_target(self, output, generator=None):
         """A one-hot row per example, the class drawn from ``Categorical(f)``."""
@@ -388,7 +396,7 @@ class BinaryCrossEntropyWithLogits(Loss):
 
     def fisher_output_product(self, output, vectors):
         p = torch.sigmoid(_as_matrix(output))
-        return p * (1 - p) * _as_matrix(vectors)
+        return p * (1 - p) * _vectors(vectors, output)
 
     def sample_target(self, output, generator=None):
         return torch.bernoulli(torch.sigmoid(_as_matrix(output).detach()), generator=generator)
@@ -434,7 +442,7 @@ class CrossEntropyWithLogits(Loss):
 
     def fisher_output_product(self, output, vectors):
         p = torch.softmax(_as_matrix(output), dim=1)
-        v = _as_matrix(vectors)
+        v = _vectors(vectors, output)
         return p * v - p * (p * v).sum(dim=1, keepdim=True)
 
     def sample_target(self, output, generator=None):

@@ -381,3 +381,13 @@ def test_probability_checks_accept_saturated_but_valid_outputs():
     assert torch.isfinite(CrossEntropy().fisher_output_matrix(f)).all()
     # the logits form samples from a softmax that underflows to exact zeros without complaint
     assert CrossEntropyWithLogits().sample_target(torch.tensor([[0.0, -200.0]]), _gen(0)).tolist() == [[1.0, 0.0]]
+
+
+@pytest.mark.parametrize("loss", ALL_LOSSES, ids=repr)
+def test_products_refuse_vectors_that_would_broadcast(loss):
+    f, y = _outputs_and_targets(loss)
+    for v in (torch.ones(K, dtype=DT), torch.ones(1, K, dtype=DT), torch.ones(N, 1, dtype=DT)):
+        with pytest.raises(ValueError, match=r"one vector per example, of shape \(n, k\) = \(4, 3\)"):
+            loss.output_hessian_product(f, y, v)
+        with pytest.raises(ValueError, match=r"one vector per example"):
+            loss.fisher_output_product(f, v)
