@@ -216,12 +216,19 @@ class DataStream:
     def __init__(self, n: int, batch_size: int, seed: int, device: torch.device, epoch: int = 0, position: int = 0):
         self.n, self.batch_size, self.seed, self.device = n, batch_size, seed, device
         self.epoch, self.position = epoch, position
-        self.order = _epoch_order(n, seed, epoch).to(device)
+        self.order = self._order()
+
+    def _order(self) -> torch.Tensor:
+        order = _epoch_order(self.n, self.seed, self.epoch)
+        if self.device.type == "cuda":  # a pinned buffer copies without making the host wait
+            self._pinned = order.pin_memory()
+            return self._pinned.to(self.device, non_blocking=True)
+        return order.to(self.device)
 
     def next(self) -> torch.Tensor:
         if self.position + self.batch_size > self.n:
             self.epoch, self.position = self.epoch + 1, 0
-            self.order = _epoch_order(self.n, self.seed, self.epoch).to(self.device)
+            self.order = self._order()
         index = self.order[self.position:self.position + self.batch_size]
         self.position += self.batch_size
         return index
@@ -442,11 +449,18 @@ class Run:
             config.max_seconds is not None and seconds >= config.max_seconds)
 
     def train_steps(self, until_update: int) -> None:
-        """The steady-state loop: updates until ``until_update`` or the budget. Nothing is read from the
-        device (the loss's divergence test stays there); the clock is read on the host."""
+        """Updates until ``until_update`` or the budget, then stop the clock (after the device finished)."""
+        started = time.perf_counter()
+        self.steady_state_loop(until_update, started)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the clock stops when the device has finished
+        self.elapsed += time.perf_counter() - started
+
+    def steady_state_loop(self, until_update: int, started: float) -> None:
+        """The loop between evaluations. Nothing is read from the device (the loss's divergence test
+        stays there); the clock is read on the host."""
         uses_statistics = self.method.uses_statistics
         task, monitor = self.task, self.monitor
-        started = time.perf_counter()
         seconds = self.elapsed
         while self.update < until_update and not self.budget_spent(seconds):
             index = self.batches.next()
@@ -464,9 +478,6 @@ class Run:
             seconds = self.elapsed + time.perf_counter() - started
             if self.progress is not None:
                 self.progress.advance(seconds)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # the clock stops when the device has finished
-        self.elapsed += time.perf_counter() - started
 
     def train(self) -> None:
         """Alternate :meth:`train_steps` and evaluations until the budget is spent or the run diverges."""
