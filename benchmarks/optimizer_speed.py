@@ -3,8 +3,8 @@
 Every optimizer trains its own copy of the 784-1000-500-250-30-250-500-1000-784 autoencoder on the
 same minibatches (size 200 by default), in one process. Updates are timed in windows of ``--window``
 updates (default 100: each window holds exactly one inversion of the amortized methods, N = 100, and ten
-K-FAC statistics passes), the optimizers *interleaved* window by window (so that a change in the
-machine's load hits them all alike), for ``--rounds`` rounds. Printed per optimizer:
+K-FAC statistics passes), the optimizers *interleaved* update by update (round robin, so that a change in
+the machine's load hits them all alike), for ``--rounds`` rounds. Printed per optimizer:
 
 * ``median ms``: the median over all timed updates of one update's time (the steady state);
 * ``amortized ms``: total time / total updates, including the statistics minibatches and inversions;
@@ -133,11 +133,12 @@ def main(argv=None):
         for _ in range(args.warmup):
             update(run, record=False)
     for _ in range(args.rounds):
-        for run in runs.values():
-            start = time.perf_counter()
-            for _ in range(args.window):
+        first = {name: len(run["times"]) for name, run in runs.items()}
+        for _ in range(args.window):
+            for run in runs.values():  # round robin, update by update: a change of load hits every method alike
                 update(run, record=True)
-            run["rounds"].append((time.perf_counter() - start) / args.window)
+        for name, run in runs.items():
+            run["rounds"].append(sum(t["total"] for t in run["times"][first[name]:]) / args.window)
     load_after = os.getloadavg()
 
     sgd_rounds = runs["sgd"]["rounds"]

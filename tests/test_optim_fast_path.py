@@ -235,3 +235,13 @@ def test_a_non_finite_update_sets_the_flag_and_keeps_the_parameters(cls):
         check_divergence(opt)
     assert not bool(opt.diverged)                   # the check clears the flag
     check_divergence(torch.optim.SGD(model.parameters(), lr=0.1))  # a no-op for torch's optimizers
+
+
+def test_every_registry_entry_accepts_check_every():
+    from fso_lib.optim import OPTIMIZERS
+    for name in OPTIMIZERS:
+        model = prepare_model(name, mlp([4, 6, 3], activation="tanh"))
+        opt = make_optimizer(name, model, check_every=None)
+        check_divergence(opt)
+        if hasattr(opt, "check_every"):
+            assert opt.check_every is None

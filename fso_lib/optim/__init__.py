@@ -67,11 +67,12 @@ class OptimizerSpec:
     uses_statistics: bool = False
 
 
-def _sgd(model, lr=0.1, momentum=0.0):
+def _sgd(model, lr=0.1, momentum=0.0, check_every=None):
+    # check_every is accepted for a uniform call (torch's optimizers have no divergence flag: nothing to check)
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
 
 
-def _adam(model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8):
+def _adam(model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, check_every=None):
     return torch.optim.Adam(model.parameters(), lr=lr, betas=betas, eps=eps)
 
 
@@ -132,6 +133,8 @@ def make_optimizer(name: str, model: nn.Module, **hyperparameters) -> torch.opti
     """Build optimizer ``name`` of :data:`OPTIMIZERS` for ``model`` (already passed through :func:`prepare_model`).
 
     ``hyperparameters`` override ``OPTIMIZERS[name].defaults``; unknown names raise a ``TypeError``.
+    ``check_every`` (see :class:`LayerwiseOptimizer`) is accepted by every entry, so that a runner can build
+    any method with ``check_every=None`` and call :func:`check_divergence` itself (a no-op for SGD and Adam).
     """
     spec = _spec(name)
     if spec.model_variant in ("batchnorm", "mean_only_batchnorm"):

@@ -126,10 +126,9 @@ class ACP(LayerwiseOptimizer):
                 centered_grad = torch.addr(weight.grad, bias_grad, mean, alpha=-1.0)
             else:  # centre first: no cancellation between ∇_W and ∇_b h̄ᵀ
                 centered_grad = g.T @ (h - mean)
-            d_weight = centered_grad @ inverse
+            d_weight = (centered_grad @ inverse).div_(alpha)  # out ≤ n here: the smaller array to scale
         else:
-            d_weight = g.T @ ((h - mean) @ inverse)
-        d_weight.div_(alpha)
+            d_weight = g.T @ ((h - mean) @ inverse).div_(alpha)  # scale the n × in factor, not the out × in result
         d_bias = bias_grad / alpha
         if group["bias_update"] == "derived":
             d_bias = d_bias - d_weight @ mean
