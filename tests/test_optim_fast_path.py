@@ -109,7 +109,8 @@ def test_natural_neural_network_steps_are_sgd_on_the_whitened_parameters(momentu
             _squared_error(m(x), x).backward()
             o.step()
         for p, q in zip(model.parameters(), ref_model.parameters()):
-            assert torch.allclose(p, q, rtol=0, atol=1e-6), (k, float((p - q).abs().max()))
+            # 1e-6 relative and absolute: each re-whitening (V' = W U'⁻¹) magnifies float32 rounding differences
+            assert torch.allclose(p, q, rtol=1e-6, atol=1e-6), (k, float((p - q).detach().abs().max()))
 
 
 def test_grad_on_request():

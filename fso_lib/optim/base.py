@@ -135,8 +135,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     def _layer_update(self, k: int, group: dict, h, g):
         """Return the descent directions (dW, db) of layer ``k``; the step is ``−lr · direction``.
-        The returned tensors belong to the optimizer (it may modify them in place). Every subclass
-        defines it."""
+        The optimizer may modify the returned tensors in place (a skipped, non-finite step zeroes them).
+        Every subclass defines it."""
         raise TypeError(f"{type(self).__name__} does not define _layer_update.")
 
     def _before_updates(self) -> None:
@@ -276,7 +276,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 elif skip is None:
                     buf.mul_(momentum).add_(direction)
                 else:
-                    buf.mul_(torch.where(skip, self._scalar(1.0, buf), self._scalar(momentum, buf))).add_(direction)
+                    # buf ← direction + factor · buf in one pass (factor = 1 and direction = 0 on a skipped step)
+                    factor = torch.where(skip, self._scalar(1.0, buf), self._scalar(momentum, buf))
+                    torch.addcmul(direction, buf, factor, out=buf)
                 if skip is None:
                     p.add_(buf, alpha=-lr)
                 else:

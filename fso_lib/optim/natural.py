@@ -161,4 +161,5 @@ class NaturalNeuralNetwork(LayerwiseOptimizer):
 
     def _layer_update(self, k, group, h, g):
         v, d = group["params"]
-        return v.grad.clone(), d.grad.clone()
+        # the step is the gradient itself: no copy (a skipped, non-finite step zeroes these .grad in place)
+        return v.grad, d.grad
