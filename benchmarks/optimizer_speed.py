@@ -15,20 +15,29 @@ the machine's load hits them all alike), for ``--rounds`` rounds. Printed per op
 
 ``*_autograd_grads`` rows run the same optimizer with ``weight_grads=True``: autograd forms every weight
 gradient as before the optimizers learned to skip it, so the two rows show what skipping it saves.
+``--before COMMIT`` adds a ``before:NAME`` row per optimizer, built by ``fso_lib.optim`` as of that git commit
+(extracted with ``git archive`` into a temporary folder and imported under another name), timed in the
+same process and interleaved with the others.
 The FLOP count of the preconditioning (benchmark facts) puts ACP at ≈1.4× and K-FAC at ≈1.8× an SGD
 step at minibatch 200. Performance is printed (and written with ``--out``), never asserted.
 
     python benchmarks/optimizer_speed.py [--threads 2] [--batch 200] [--window 100] [--rounds 3]
-        [--only sgd,acp,kfac] [--out data/results/speed/optimizer_speed.json]
+        [--only sgd,acp,kfac] [--out data/results/speed/optimizer_speed.json] [--before COMMIT]
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
+import io
 import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -71,6 +80,18 @@ def _refreshes(opt) -> bool:
     return opt.n_updates % period == 0 and type(opt).__name__ == "ACP"
 
 
+def _optim_at_commit(commit: str):
+    """``fso_lib.optim`` as of ``commit``, imported as the package ``fso_before`` from a ``git archive``."""
+    root = Path(__file__).resolve().parent.parent
+    archive = subprocess.run(["git", "archive", commit, "fso_lib"], cwd=root, capture_output=True, check=True).stdout
+    folder = tempfile.mkdtemp(prefix="fso_before_")
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(folder, filter="data")
+    os.rename(os.path.join(folder, "fso_lib"), os.path.join(folder, "fso_before"))
+    sys.path.insert(0, folder)
+    return importlib.import_module("fso_before.optim")
+
+
 def machine_description() -> dict:
     model = platform.processor()
     try:
@@ -91,6 +112,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--only", type=str, default=None, help="comma-separated subset of " + ",".join(CONFIGS))
     parser.add_argument("--out", type=str, default=None, help="write the results as JSON to this path")
+    parser.add_argument("--before", type=str, default=None, metavar="COMMIT",
+                        help="also time every optimizer of --only as implemented at this git commit")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -101,12 +124,19 @@ def main(argv=None):
     data = torch.rand(4 * args.batch, 784)  # the cost does not depend on the pixel values
     load_before = os.getloadavg()
 
+    libraries = {"": (prepare_model, make_optimizer)}
+    if args.before:
+        old = _optim_at_commit(args.before)
+        libraries["before:"] = (old.prepare_model, old.make_optimizer)
     runs = {}
     for name in names:
-        registry_name, hyper = CONFIGS[name]
-        model = prepare_model(registry_name, deep_autoencoder(seed=0))
-        runs[name] = dict(model=model, opt=make_optimizer(registry_name, model, **hyper), k=0,
-                          rounds=[], times=[], steps=[])
+        for prefix, (prepare, make) in libraries.items():
+            registry_name, hyper = CONFIGS[name]
+            if prefix and (name == "sgd" or "weight_grads" in hyper):
+                continue  # torch's SGD did not change; weight_grads did not exist before
+            model = prepare(registry_name, deep_autoencoder(seed=0))
+            runs[prefix + name] = dict(model=model, opt=make(registry_name, model, **hyper), k=0,
+                                       config=name, rounds=[], times=[])
 
     def update(run, record: bool):
         k = run["k"]
@@ -157,8 +187,9 @@ def main(argv=None):
         }
         ratios = [w / s for w, s in zip(run["rounds"], sgd_rounds)]
         results[name] = {
-            "registry_name": CONFIGS[name][0],
-            "hyperparameters": CONFIGS[name][1],
+            "registry_name": CONFIGS[run["config"]][0],
+            "hyperparameters": CONFIGS[run["config"]][1],
+            "code": f"git commit {args.before}" if name.startswith("before:") else "this working tree",
             "median_update_ms": 1e3 * statistics.median(t["total"] for t in times),
             "amortized_ms": 1e3 * sum(run["rounds"]) / len(run["rounds"]),
             "ratio_to_sgd_amortized": statistics.median(ratios),
@@ -169,9 +200,9 @@ def main(argv=None):
 
     print(f"deep autoencoder, minibatch {args.batch}, {args.rounds} rounds × {args.window} updates, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load_before[0]:.2f} → {load_after[0]:.2f}")
-    print(f"{'optimizer':<28}{'median ms':>10}{'amortized':>10}{'× SGD':>7} |" + "".join(f"{p[:12]:>13}" for p in PHASES))
+    print(f"{'optimizer':<36}{'median ms':>10}{'amortized':>10}{'× SGD':>7} |" + "".join(f"{p[:12]:>13}" for p in PHASES))
     for name, r in results.items():
-        print(f"{name:<28}{r['median_update_ms']:>10.1f}{r['amortized_ms']:>10.1f}{r['ratio_to_sgd_amortized']:>7.2f} |"
+        print(f"{name:<36}{r['median_update_ms']:>10.1f}{r['amortized_ms']:>10.1f}{r['ratio_to_sgd_amortized']:>7.2f} |"
               + "".join(f"{r['breakdown_ms'][p]:>13.2f}" for p in PHASES))
     if args.out:
         out = Path(args.out)
@@ -182,6 +213,7 @@ def main(argv=None):
             "machine": machine_description(),
             "threads": torch.get_num_threads(),
             "batch": args.batch, "window": args.window, "rounds": args.rounds, "warmup": args.warmup,
+            "before_commit": args.before, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "load_average_1min": {"before": load_before[0], "after": load_after[0]},
             "units": "milliseconds per update; ratios are median over rounds of (amortized ms / SGD's amortized ms)",
             "results": results,

@@ -60,3 +60,21 @@ def test_statistics():
     assert torch.allclose(input_covariance(h, damping=0.5), torch.cov(h.T, correction=0) + 0.5 * torch.eye(4))
     a = augmented_second_moment(h)
     assert torch.allclose(a[:4, :4], h.T @ h / 50) and torch.allclose(a[4, :4], h.mean(0)) and a[4, 4] == 1
+
+
+def test_capture_without_weight_gradients():
+    """With the weights' requires_grad off (the optimizers' fast path) the biases still carry every ∂L/∂a."""
+    torch.manual_seed(1)
+    model = mlp([3, 5, 4, 2], activation="tanh").double()
+    reference = mlp([3, 5, 4, 2], activation="tanh").double()
+    reference.load_state_dict(model.state_dict())
+    for layer in linear_layers(model):
+        layer.weight.requires_grad_(False)
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    with LayerCapture(model) as capture, LayerCapture(reference) as expected:
+        ((model(x) - y) ** 2).sum(1).mean().backward()
+        ((reference(x) - y) ** 2).sum(1).mean().backward()
+        assert all(layer.weight.grad is None for layer in linear_layers(model))
+        for g, g_ref, h, layer in zip(capture.grads, expected.grads, capture.inputs, linear_layers(reference)):
+            assert torch.allclose(g, g_ref)
+            assert torch.allclose(g.T @ h, layer.weight.grad)
