@@ -115,9 +115,10 @@ class Rosenbrock(Function2D):
 class DoubleWell(Function2D):
     """``(x² − 1)²/4 + (y − tilt·x)²/2 ·stiffness``: two minima at ``x = ±1`` and a saddle at the origin.
 
-    The Hessian has a negative eigenvalue where ``|x| < 1/√3`` (near the saddle), where plain Newton
-    steps toward the saddle instead of away from it; Tikhonov damping larger than that negative
-    curvature makes the step go downhill again (thesis §3.1.3).
+    The Hessian has a negative eigenvalue where ``|x| < 1/√3`` (near the saddle). Plain Newton is attracted
+    by the saddle from a smaller region: on the valley floor its iteration is ``x ← 2x³/(3x² − 1)``, which
+    goes to the saddle for ``|x₀| < 1/√5`` (notebook 03a computes this). Tikhonov damping larger than the
+    negative curvature makes every step a descent direction (thesis §3.1.3).
     """
 
     name = "double well (saddle)"

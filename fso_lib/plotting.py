@@ -17,11 +17,11 @@ METHOD_COLORS = {
     "kfac": "#1f77b4",
     "natural_nn": "#2ca02c",
     "newton": "#9467bd",
-    "damped_newton": "#d62728",
+    "damped_newton": "#e7969c",
     "gd": "#7f7f7f",
-    "gauss_newton": "#1f77b4",
-    "natural_gradient": "#2ca02c",
-    "updated_backprop": "#9467bd",
+    "gauss_newton": "#393b79",
+    "natural_gradient": "#74c476",
+    "updated_backprop": "#8c6d31",
 }
 
 BOOK_STYLE = {
