@@ -172,15 +172,16 @@ def test_kfac_kl_clipping(weight_grads, clip_active):
         assert torch.allclose(after, theta - lr * scale * d, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("check_every", [1, None])  # unmasked step (flag read first) and device-masked step
 @pytest.mark.parametrize("cls, hyper", [(CenteredSGD, {}), (ACP, dict(alpha=1.0, damping=0.1, amortization_period=100))])
-def test_heavy_ball_momentum_is_the_recursion(cls, hyper):
+def test_heavy_ball_momentum_is_the_recursion(cls, hyper, check_every):
     """buf₀ = d₀, buf_t = μ buf_{t−1} + d_t, θ_{t+1} = θ_t − lr buf_t, with d_t the method's direction by hand."""
     torch.manual_seed(3)
     sizes = (3, 7, 2)
     model = mlp(sizes, activation="tanh").double()
     lr, mu = 0.2, 0.8
     x_stats = torch.randn(20, 3, **F64)
-    opt = cls(model, lr=lr, momentum=mu, **hyper)
+    opt = cls(model, lr=lr, momentum=mu, check_every=check_every, **hyper)
     if cls is ACP:
         opt.update_statistics(x_stats)
         covariances = [torch.cov(h.T, correction=0) for h in _hooks_pass(model, x_stats, torch.zeros(20, 2, **F64))[0]]

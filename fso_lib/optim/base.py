@@ -91,7 +91,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     checks inside every ``step()`` (the behaviour of a plain training loop: the step that diverged
     raises); ``check_every=K`` checks every K steps; ``check_every=None`` never checks inside ``step()``:
     the caller calls ``opt.check_divergence()`` (or reads ``opt.diverged``) at evaluation time.
-    ``check_finite=False`` removes the test altogether.
+    A step that checks reads the flag before applying anything and then needs no mask; the other steps
+    pay one elementwise pass over the updates for the mask. ``check_finite=False`` removes the test.
     """
 
     capture_inputs = True
@@ -251,11 +252,13 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             if loss_t is not None:
                 self._divergence_loss.copy_(torch.where(first, loss_t, self._divergence_loss))
             self._diverged.logical_or_(bad)
-            skip = self._diverged
+            if self.check_every is not None and (self.n_updates + 1) % self.check_every == 0:
+                # the flag is read now anyway: raise before touching anything, else apply without the mask
+                self.check_divergence()
+            else:
+                skip = self._diverged
         for group, pair in zip(self.param_groups, updates):
             self._apply(group, pair, skip)
-        if self.check_finite and self.check_every is not None and (self.n_updates + 1) % self.check_every == 0:
-            self.check_divergence()
         self._device_updates.add_(1)
         self.n_updates += 1
         self.capture.clear()
