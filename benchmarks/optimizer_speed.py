@@ -15,6 +15,7 @@ the machine's load hits them all alike), for ``--rounds`` rounds. Printed per op
 
 ``*_autograd_grads`` rows run the same optimizer with ``weight_grads=True``: autograd forms every weight
 gradient as before the optimizers learned to skip it, so the two rows show what skipping it saves.
+``*_sync_free`` rows use ``check_every=None`` (no host read in the step; the non-finite mask costs one more pass).
 ``--before COMMIT`` adds a ``before:NAME`` row per optimizer, built by ``fso_lib.optim`` as of that git commit
 (extracted with ``git archive`` into a temporary folder and imported under another name), timed in the
 same process and interleaved with the others.
@@ -60,6 +61,8 @@ CONFIGS = {
     "kfac": ("kfac", dict(lr=0.01, statistics_period=10, inverse_period=100)),
     "kfac_autograd_grads": ("kfac", dict(lr=0.01, statistics_period=10, inverse_period=100, weight_grads=True)),
     "kfac_stats_every_step": ("kfac", dict(lr=0.01, statistics_period=1, inverse_period=20)),
+    "acp_sync_free": ("acp", dict(lr=0.01, amortization_period=100, check_every=None)),
+    "kfac_sync_free": ("kfac", dict(lr=0.01, statistics_period=10, inverse_period=100, check_every=None)),
     "natural_nn": ("natural_nn", dict(lr=0.01, amortization_period=100)),
 }
 PHASES = ("forward", "backward", "precondition", "statistics", "inversion")
@@ -132,8 +135,8 @@ def main(argv=None):
     for name in names:
         for prefix, (prepare, make) in libraries.items():
             registry_name, hyper = CONFIGS[name]
-            if prefix and (name == "sgd" or "weight_grads" in hyper):
-                continue  # torch's SGD did not change; weight_grads did not exist before
+            if prefix and (name == "sgd" or "weight_grads" in hyper or "check_every" in hyper):
+                continue  # torch's SGD did not change; weight_grads and check_every did not exist before
             model = prepare(registry_name, deep_autoencoder(seed=0))
             runs[prefix + name] = dict(model=model, opt=make(registry_name, model, **hyper), k=0,
                                        config=name, rounds=[], times=[])
