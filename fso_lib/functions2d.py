@@ -26,6 +26,7 @@ __all__ = [
     "damped_newton_path",
     "path",
     "grid_values",
+    "path_diverges",
     "draw_paths",
 ]
 
@@ -211,21 +212,45 @@ def damped_newton_path(function: Function2D, start, damping: float, n_steps: int
                 n_steps, **kwargs)
 
 
-def draw_paths(ax, function: Function2D, paths: dict, levels: int = 30, n_grid: int = 200, bounds=None):
-    """Contours of ``function`` (log-spaced levels) with one labelled path per ``{name: (points, colour)}``."""
+def path_diverges(function: Function2D, points) -> bool:
+    """True when a path ends outside ``function``'s plotting window (or at a non-finite point) higher than it
+    started: what the figures label as diverging."""
+    xmin, xmax, ymin, ymax = function.bounds
+    x, y = points[-1]
+    if not np.all(np.isfinite(points[-1])):
+        return True
+    outside = not (xmin <= x <= xmax and ymin <= y <= ymax)
+    return bool(outside and function(points[-1]) > function(points[0]))
+
+
+def draw_paths(ax, function: Function2D, paths: dict, levels: int = 30, n_grid: int = 200, bounds=None) -> dict:
+    """Contours of ``function`` (log-spaced levels) with one labelled path per ``{name: (points, colour)}``.
+
+    A diverging path (``path_diverges``) is labelled ``"name: DIVERGES"`` and an arrow marks where it leaves
+    the window. Returns the drawn ``{label: (points, colour)}``.
+    """
     X, Y, Z = grid_values(function, n_grid, bounds)
     shifted = Z - Z.min() + 1e-3
     ax.contour(X, Y, shifted, levels=np.geomspace(shifted.min() + 1e-3, shifted.max(), levels),
                colors="0.75", linewidths=0.6)
     for m in function.minimizers:
         ax.plot(*m, marker="*", color="k", markersize=10, linestyle="none")
-    for name, (points, color) in paths.items():
-        ax.plot(points[:, 0], points[:, 1], "o-", color=color, markersize=2.5, linewidth=1.2,
-                label=f"{name} ({len(points) - 1} steps)")
     xmin, xmax, ymin, ymax = bounds or function.bounds
+    drawn = {}
+    for name, (points, color) in paths.items():
+        diverging = path_diverges(function, points)
+        label = f"{name}: DIVERGES" if diverging else name
+        drawn[label] = (points, color)
+        ax.plot(points[:, 0], points[:, 1], "o-", color=color, markersize=2.5, linewidth=1.2,
+                label=f"{label} ({len(points) - 1} steps)")
+        if diverging:
+            inside = [xmin <= x <= xmax and ymin <= y <= ymax for x, y in points]
+            last_inside = max(i for i, ok in enumerate(inside) if ok) if any(inside) else 0
+            ax.annotate("diverges", xy=points[last_inside], xytext=(0.5, 0.92), textcoords="axes fraction",
+                        ha="center", color=color, fontweight="bold", arrowprops=dict(arrowstyle="->", color=color))
     ax.set_xlim(xmin, xmax)
     ax.set_ylim(ymin, ymax)
     ax.set_xlabel("x")
     ax.set_ylabel("y")
     ax.set_title(function.name)
-    return ax
+    return drawn

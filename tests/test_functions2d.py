@@ -21,7 +21,7 @@ def test_gradient_and_hessian_match_autograd(fn):
         hess = torch.autograd.functional.hessian(lambda q: fn.value(q[0], q[1]), p.detach())
         np.testing.assert_allclose(fn.gradient(point), grad.numpy(), rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(fn.hessian(point), hess.numpy(), rtol=1e-12, atol=1e-12)
-        assert math.isclose(fn(point), float(value), rel_tol=1e-12, abs_tol=1e-15)
+        assert math.isclose(fn(point), float(value.detach()), rel_tol=1e-12, abs_tol=1e-15)
 
 
 @pytest.mark.parametrize("fn", FUNCTIONS, ids=lambda f: f.name)
@@ -83,3 +83,21 @@ def test_grid_values_and_get_function():
         F2.get_function("himmelblau")
     with pytest.raises(ValueError):
         F2.Quadratic(condition_number=0.5)
+
+
+def test_draw_paths_labels_exactly_the_diverging_paths():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fn = F2.Quadratic(condition_number=10.0)
+    paths = {"stable": (F2.gradient_descent_path(fn, fn.start, 1.9 / 10.0, 100), "k"),
+             "too large": (F2.gradient_descent_path(fn, fn.start, 2.1 / 10.0, 100), "r")}
+    assert not F2.path_diverges(fn, paths["stable"][0]) and F2.path_diverges(fn, paths["too large"][0])
+    fig, ax = plt.subplots()
+    drawn = F2.draw_paths(ax, fn, paths, n_grid=20)
+    assert list(drawn) == ["stable", "too large: DIVERGES"]
+    assert [t.get_text() for t in ax.texts] == ["diverges"]
+    assert ax.get_legend_handles_labels()[1] == ["stable (100 steps)",
+                                                 f"too large: DIVERGES ({len(paths['too large'][0]) - 1} steps)"]
+    plt.close(fig)
