@@ -145,6 +145,12 @@ def test_slider_redraws_its_figure(page, lab, artifacts):
         raise
 
 
+def test_the_widget_chapters_are_marked():
+    """03b (training race), 06c (damping and refresh explorer) and 07 (results explorer) are browser-tested."""
+    expected = {"03b_gauss_newton_and_fisher.ipynb", "06c_factorized_optimizers.ipynb", "07_benchmark.ipynb"}
+    assert expected <= set(MARKED_NOTEBOOKS), f"not marked with {WIDGET_MARKER!r}: {expected - set(MARKED_NOTEBOOKS)}"
+
+
 @pytest.mark.parametrize("name", MARKED_NOTEBOOKS)
 def test_marked_widget_redraws_its_figure(page, lab, artifacts, name):
     """The widget cell a chapter marks (03b's training race, 06c's damping explorer, 07's results explorer)."""

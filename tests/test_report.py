@@ -127,3 +127,13 @@ def test_tuning_provenance_counts_trials_over_every_search(tmp_path):
     assert prov == {"searches": 2, "trials": 5, "updates_per_trial": 300, "best_cost": 9.0,
                     "best_cost_per_search": [170.0, 9.0]}
     assert tuning_provenance(tmp_path, "sgd")["searches"] == 0
+
+
+def test_tables_markdown_table_formats_cells_and_refuses_ragged_rows():
+    from fso_lib.tables import MarkdownTable, markdown_table as table
+
+    text = table(["method", "loss"], [["sgd", 1.23456], ["kfac", float("nan")], ["acp", float("inf")]])
+    assert isinstance(text, MarkdownTable) and text._repr_markdown_() == str(text)
+    assert text.splitlines() == ["| method | loss |", "|---|---:|", "| sgd | 1.23 |", "| kfac | · |", "| acp | never |"]
+    with pytest.raises(ValueError, match="2 columns"):
+        table(["a", "b"], [[1]])

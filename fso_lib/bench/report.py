@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import tables
+from ..tables import format_cell
 from ..plotting import method_color
 from .runner import read_records
 
@@ -175,17 +177,8 @@ def format_table(rows: list[dict], digits: int = 3) -> str:
     if not rows:
         return "(no runs)"
 
-    def cell(value):
-        if isinstance(value, float):
-            if math.isnan(value):
-                return "·"
-            if math.isinf(value):
-                return "never"
-            return f"{value:.{digits}g}" if abs(value) < 1e4 else f"{value:.0f}"
-        return str(value)
-
     columns = list(rows[0])
-    cells = [[cell(r.get(c)) for c in columns] for r in rows]
+    cells = [[format_cell(r.get(c), digits) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[k]) for row in cells)) for k, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)),
              "  ".join("-" * w for w in widths)]
@@ -226,28 +219,13 @@ def rank_agreement(ours: list[str], reference: dict[str, float]) -> tuple[int, i
 
 
 # ----------------------------------------------------------------------------- tables as tables
-def _table_cell(value, digits: int = 3) -> str:
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "·"
-        if math.isinf(value):
-            return "never"
-        return f"{value:.{digits}g}" if abs(value) < 1e4 else f"{value:.0f}"
-    return str(value)
-
-
 def markdown_table(rows: list[dict], digits: int = 3, columns: list[str] | None = None) -> str:
     """The rows as a Markdown table (for ``IPython.display.Markdown``), same cell format as
     :func:`format_table`: NaN as '·' (not reached in the run's budget), inf as 'never'."""
     if not rows:
         return "*(no runs)*"
     columns = columns or list(rows[0])
-    lines = ["| " + " | ".join(columns) + " |",
-             "|" + "|".join("---" if k == 0 else "---:" for k in range(len(columns))) + "|"]
-    for row in rows:
-        cells = [_table_cell(row.get(c), digits).replace("|", "\\|") for c in columns]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return tables.markdown_table(columns, ([row.get(c) for c in columns] for row in rows), digits)
 
 
 # ----------------------------------------------------------------------------- provenance
