@@ -284,9 +284,12 @@ def make_step(model, loss_fn, optimizer, device: torch.device, compile: bool = F
     ``compile=True`` compiles the model's forward/backward with ``torch.compile``, in mode
     ``"reduce-overhead"`` on a GPU (the steady-state step is replayed as CUDA graphs) and the default mode
     elsewhere (CPU: C++ kernels, which needs a C++ compiler). ``torch.optim`` steps (SGD, Adam) are
-    compiled too. The chapter-6 optimizers' steps and statistics minibatches run eagerly: a compiled
-    K-FAC step was measured to drift from the eager one from its second update on (in float64 as well,
-    so not rounding), and a step that disagrees with the method is worse than a slower one."""
+    compiled too. The chapter-6 optimizers' steps and statistics minibatches run eagerly. A compiled K-FAC
+    step used to drift from the eager one from its second update on: dynamo dropped the increment of the
+    optimizer's update counter, freezing its statistics and inversion schedule. That is fixed (the counter
+    lives in a dict; ``tests/test_optim.py`` checks compiled = eager across refreshes with dynamo's "eager"
+    backend), but compiling these steps with inductor or CUDA graphs has not been validated yet, so they stay
+    eager here."""
     if not compile:
         return lambda x, y, statistics=None: training_step(model, loss_fn, optimizer, x, y, statistics)
     mode = "reduce-overhead" if device.type == "cuda" else None

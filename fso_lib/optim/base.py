@@ -111,7 +111,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self.check_finite = check_finite
         self.check_every = None if check_every is None else int(check_every)
         self.weight_grads = bool(weight_grads) or not self.forms_weight_gradient
-        self.n_updates = 0
+        # The update counter lives in a dict: torch.compile (dynamo) replays mutations of a dict held by an
+        # optimizer but drops those of a plain int attribute, which froze the statistics/inverse schedule of a
+        # compiled step (see the ``n_updates`` property).
+        self._schedule = {"n_updates": 0}
         self.capture = LayerCapture(model, inputs=self.capture_inputs, grads=self.capture_grads, layers=self.layers)
         self._frozen_weights = []
         if not self.weight_grads:
@@ -126,6 +129,15 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._divergence_loss = torch.full((), float("nan"), device=device)
         self._divergence_in_loss = torch.zeros((), dtype=torch.bool, device=device)
         self._device_updates = torch.zeros((), dtype=torch.int64, device=device)
+
+    @property
+    def n_updates(self) -> int:
+        """Number of ``step()`` calls so far (drives the statistics and inversion schedules)."""
+        return self._schedule["n_updates"]
+
+    @n_updates.setter
+    def n_updates(self, value: int) -> None:
+        self._schedule["n_updates"] = int(value)
 
     # -- hooks for subclasses ---------------------------------------------------------------------
     def _find_layers(self, model: nn.Module) -> list[nn.Module]:
