@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 
 from .. import tables
-from ..tables import format_cell
 from ..plotting import method_color
 from .runner import read_records
 
@@ -172,20 +171,6 @@ def race_table(runs: list[Run], times: list[float], targets: list[float], which:
     return rows
 
 
-def format_table(rows: list[dict], digits: int = 3) -> str:
-    """A plain-text table (NaN shown as '·' = not reached in the run's budget, inf as 'never'/'diverged')."""
-    if not rows:
-        return "(no runs)"
-
-    columns = list(rows[0])
-    cells = [[format_cell(r.get(c), digits) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[k]) for row in cells)) for k, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
-    return "\n".join(lines)
-
-
 #: Final train squared error of each method after 3×10⁵ updates, *read by eye* from the thesis's figures 6.1
 #: and 6.2 (Titan Black GPU); a reference for the ordering, not data of ours. Source: thesis §6.6.
 THESIS_FINAL_TRAIN = {"kfac": 0.9, "acp": 1.0, "acp_fixed_alpha": 1.0, "natural_nn": 1.1,
@@ -220,8 +205,8 @@ def rank_agreement(ours: list[str], reference: dict[str, float]) -> tuple[int, i
 
 # ----------------------------------------------------------------------------- tables as tables
 def markdown_table(rows: list[dict], digits: int = 3, columns: list[str] | None = None) -> str:
-    """The rows as a Markdown table (for ``IPython.display.Markdown``), same cell format as
-    :func:`format_table`: NaN as '·' (not reached in the run's budget), inf as 'never'."""
+    """The rows as a Markdown table (for ``IPython.display.Markdown``); cells through
+    :func:`fso_lib.tables.format_cell`: NaN as '·' (not reached in the run's budget), inf as 'never'."""
     if not rows:
         return "*(no runs)*"
     columns = columns or list(rows[0])
