@@ -17,6 +17,12 @@ closed form of :func:`fisher` replaces. :func:`block_diagonal` keeps the per-lay
 :func:`hessian_vector_product`, :func:`gauss_newton_vector_product` and :func:`fisher_vector_product`
 never form a matrix, for networks too large for the dense versions.
 
+The output-space view of Gauss-Newton (§3.3.3): :func:`linearized_outputs` is the network replaced by its
+first-order Taylor expansion ``f_i + J_i Δ``; :func:`linearized_risk` is the risk of that linear model, whose
+Hessian in ``Δ`` at ``Δ = 0`` is ``G``; :func:`output_space_model` is its second-order expansion in the
+outputs, ``(1/n) Σ_i l_i + (∂l/∂f)_i u_i + ½ u_iᵀ (∂²l/∂f²)_i u_i`` with ``u_i = J_i Δ``, equal to the
+Gauss-Newton quadratic model ``R + ∇Rᵀ Δ + ½ Δᵀ G Δ``.
+
 Supported models: an ``nn.Sequential`` (possibly nested) of ``nn.Linear`` layers and element-wise
 activations (plus a final ``nn.Softmax`` for :class:`~fso_lib.losses.CrossEntropy`). Anything else raises
 :class:`UnsupportedLayerError` naming the layer. Everything is computed with ``torch.func`` in the model's
@@ -66,6 +72,9 @@ __all__ = [
     "hessian_vector_product",
     "gauss_newton_vector_product",
     "fisher_vector_product",
+    "linearized_outputs",
+    "linearized_risk",
+    "output_space_model",
 ]
 
 
@@ -450,3 +459,45 @@ def fisher_vector_product(model: nn.Module, loss: Loss, x: torch.Tensor, vector)
     _check_model(model)
     _check_inputs(model, loss, x)
     return _sandwich_product(model, x, vector, lambda f, jv: loss.fisher_output_product(f, jv))
+
+
+# ----------------------------------------------------------------------------- output-space view (§3.3.3)
+
+
+def linearized_outputs(model: nn.Module, x: torch.Tensor, delta) -> torch.Tensor:
+    """``f(x_i, θ) + J_i Δ`` for every example, shape ``(n, k)``: the network linearized in its parameters
+    at the current ``θ`` (thesis §3.3.3). One Jacobian-vector product, never ``J`` itself; differentiable
+    with respect to ``delta``."""
+    layout, theta, forward = _functional(model)
+    delta = _as_flat(delta, layout, theta)
+    outputs, change = jvp(lambda flat: forward(flat, x), (theta,), (delta,))
+    return outputs + change
+
+
+def linearized_risk(model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Tensor, delta) -> torch.Tensor:
+    """``R_lin(Δ) = (1/n) Σ_i l(f_i + J_i Δ, y_i)``: the loss of the linearized network (thesis §3.3.3).
+
+    The loss is kept exact, only the network is linearized; its Hessian in ``Δ`` at ``Δ = 0`` is the
+    Gauss-Newton matrix. A probability loss raises ``ValueError`` when ``Δ`` pushes a linearized
+    probability out of ``(0, 1)``."""
+    _check_model(model)
+    _check_inputs(model, loss, x, y)
+    return loss.value(linearized_outputs(model, x, delta), y)
+
+
+def output_space_model(model: nn.Module, loss: Loss, x: torch.Tensor, y: torch.Tensor, delta) -> torch.Tensor:
+    """``(1/n) Σ_i [l_i + (∂l/∂f)_i u_i + ½ u_iᵀ (∂²l/∂f²)_i u_i]`` with ``u_i = J_i Δ``: the loss expanded
+    to second order in the *outputs* around the linearized network's prediction (thesis §3.3.3).
+
+    Its ``Δ``-quadratic form is ``½ Δᵀ G Δ = (1/(2n)) Σ_i ‖(∂²l/∂f²)_i^{1/2} J_i Δ‖²``: the output change
+    ``J_i Δ`` measured in the metric of the loss, pulled back to the parameters."""
+    _check_model(model)
+    _check_inputs(model, loss, x, y)
+    layout, theta, forward = _functional(model)
+    delta = _as_flat(delta, layout, theta)
+    outputs, change = jvp(lambda flat: forward(flat, x), (theta,), (delta,))
+    outputs = outputs.detach()
+    values = loss.per_example(outputs, y)
+    slope = (loss.output_gradient(outputs, y) * change).sum(1)
+    curvature = torch.einsum("nk,nkl,nl->n", change, loss.output_hessian(outputs, y), change)
+    return (values + slope + 0.5 * curvature).mean()

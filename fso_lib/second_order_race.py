@@ -21,11 +21,12 @@ The first four come from :func:`fso_lib.steps.second_order_step` (dense matrices
 at every update (K-FAC: no running average, ``kfac_samples`` targets drawn from the model per example
 with a generator seeded by ``seed``; ACP: the covariance of the training inputs of each layer, ``α`` by the
 max-squared-gradient heuristic) and no momentum. ``ε`` is the damping slider of every second-order method;
-for K-FAC it is split between the two factors with the π correction, for ACP it is the λ damped by ``λ/α``.
+for K-FAC it is split between the two factors with the π correction, for ACP the ε damped by ``ε/α``.
 """
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -146,14 +147,17 @@ def race_step(method: str, model: nn.Module, loss, x, y, learning_rate: float, d
 
 @dataclass(frozen=True)
 class RaceRun:
-    """The training loss before each update (``losses[0]`` at initialization), the parameter norms, and
-    whether the run diverged."""
+    """The training loss before each update (``losses[0]`` at initialization), the parameter norms, the
+    wall-clock time spent in the updates, and whether the run diverged."""
 
     method: str
     losses: tuple[float, ...]
     diverged: bool
     #: ``‖θ‖`` at the same points as ``losses``.
     parameter_norms: tuple[float, ...] = ()
+    #: Seconds spent in the updates (``race_step``, loss evaluation excluded) before each point of ``losses``:
+    #: ``seconds[0] = 0``. Measured once, when the run is computed (runs are cached).
+    seconds: tuple[float, ...] = ()
 
     @property
     def final_loss(self) -> float:
@@ -190,11 +194,13 @@ def _cached_run(method, loss_name, learning_rate, damping, n_steps, width, n_exa
         with torch.no_grad():
             return float(loss(model(x), y))
 
-    losses, norms = [current_loss()], [float(_curvature.flat_parameters(model).norm())]
+    losses, norms, seconds = [current_loss()], [float(_curvature.flat_parameters(model).norm())], [0.0]
     diverged = False
     for _ in range(n_steps):
         try:
+            start = time.perf_counter()
             race_step(method, model, loss, x, y, learning_rate, damping, optimizer, kfac_samples)
+            elapsed = time.perf_counter() - start
             value = current_loss()
         except (DivergenceError, torch.linalg.LinAlgError, ValueError):
             # ValueError: a probability loss saw outputs saturated at exactly 0 or 1 (an infinite loss)
@@ -205,6 +211,7 @@ def _cached_run(method, loss_name, learning_rate, damping, n_steps, width, n_exa
             break
         losses.append(value)
         norms.append(float(_curvature.flat_parameters(model).norm()))
+        seconds.append(seconds[-1] + elapsed)
     if optimizer is not None:
         optimizer.remove_hooks()
-    return RaceRun(method, tuple(losses), diverged, tuple(norms))
+    return RaceRun(method, tuple(losses), diverged, tuple(norms), tuple(seconds))

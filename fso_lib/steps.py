@@ -11,12 +11,17 @@ function                          step                                          
 :func:`newton_step`               ``−H⁻¹ g``                                           eq. 3.1.1
 :func:`damped_newton_step`        ``−(H + ε I)⁻¹ g`` (Tikhonov)                        §3.1.3
 :func:`gauss_newton_step`         ``−(G + ε I)⁻¹ g``                                   §3.1.4
-:func:`natural_gradient_step`     ``−(1/λ)(F + (ε/λ) I)⁻¹ g``                          §3.2.2
+:func:`natural_gradient_step`     ``−(κF + I/η)⁻¹ g`` (KL weight κ, learning rate η)   §3.2.2
 :func:`block_diagonal_step`       each layer's block solved alone                      §3.1.5
 ================================  ===================================================  ===========
 
-The thesis prints the natural-gradient solution of §3.2.2 without its minus sign; the minimizer of
-``Δθᵀ g + (ε/2)‖Δθ‖² + (λ/2) Δθᵀ F Δθ`` is ``−(λF + εI)⁻¹ g = −(1/λ)(F + (ε/λ) I)⁻¹ g``.
+The thesis prints the natural-gradient solution of §3.2.2 without its minus sign, and writes λ for the
+weight of the KL term and ε for the inverse learning rate. In the book's notation (κ the KL weight, η the
+learning rate) the minimizer of ``Δθᵀ g + (1/(2η))‖Δθ‖² + (κ/2) Δθᵀ F Δθ`` is
+``−(κF + I/η)⁻¹ g = −(1/κ)(F + ε I)⁻¹ g`` with the damping ``ε = 1/(ηκ)``.
+
+:func:`linearized_problem_iterates` solves the problem of thesis §3.3.3 exactly: linearize the network,
+keep the loss, add ``(ε/2)‖Δ‖²``; its first Newton iterate is the damped Gauss-Newton step.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ __all__ = [
     "gauss_newton_step",
     "natural_gradient_step",
     "block_diagonal_step",
+    "linearized_problem_iterates",
     "lecun_learning_rate",
     "quadratic_model",
     "second_order_step",
@@ -73,17 +79,19 @@ def gauss_newton_step(gradient: torch.Tensor, gauss_newton: torch.Tensor, dampin
     return -_solve(gauss_newton, gradient, damping)
 
 
-def natural_gradient_step(gradient: torch.Tensor, fisher: torch.Tensor, lam: float = 1.0, epsilon: float = 0.0) -> torch.Tensor:
-    """``−(1/λ)(F + (ε/λ) I)⁻¹ g``: minimizer of ``Δᵀg + (ε/2)‖Δ‖² + (λ/2) Δᵀ F Δ`` (thesis §3.2.2).
+def natural_gradient_step(gradient: torch.Tensor, fisher: torch.Tensor, kl_weight: float = 1.0,
+                          inverse_lr: float = 0.0) -> torch.Tensor:
+    """``−(κF + (1/η) I)⁻¹ g``: minimizer of ``Δᵀg + (1/(2η))‖Δ‖² + (κ/2) Δᵀ F Δ`` (thesis §3.2.2).
 
-    ``ε`` penalizes the change of the parameters, ``λ`` the change of the distribution (its KL, to
-    second order); ``λ = 0`` gives gradient descent with learning rate ``1/ε``.
+    ``kl_weight`` ``κ`` penalizes the change of the distribution (its KL, to second order), ``inverse_lr``
+    ``1/η`` the change of the parameters; the step is ``−(1/κ)(F + ε I)⁻¹ g`` with damping ``ε = 1/(ηκ)``.
+    ``κ = 0`` gives gradient descent with learning rate ``η``.
     """
-    if lam == 0:
-        if epsilon <= 0:
-            raise ValueError("lam = 0 needs epsilon > 0 (gradient descent with learning rate 1/epsilon).")
-        return -gradient / epsilon
-    return -_solve(fisher, gradient, epsilon / lam) / lam
+    if kl_weight == 0:
+        if inverse_lr <= 0:
+            raise ValueError("kl_weight = 0 needs inverse_lr > 0 (gradient descent with learning rate 1/inverse_lr).")
+        return -gradient / inverse_lr
+    return -_solve(fisher, gradient, inverse_lr / kl_weight) / kl_weight
 
 
 def block_diagonal_step(
@@ -95,6 +103,30 @@ def block_diagonal_step(
     for sl in layout.block_slices(by):
         step[sl] = -_solve(matrix[sl, sl], gradient[sl], damping)
     return step
+
+
+def linearized_problem_iterates(
+    model: nn.Module, loss, x: torch.Tensor, y: torch.Tensor, damping: float, n_iterations: int = 10,
+) -> list[torch.Tensor]:
+    """Newton's method on ``R_lin(Δ) + (ε/2)‖Δ‖²``, the loss of the network linearized at ``θ`` (thesis §3.3.3).
+
+    Returns ``[Δ_0 = 0, Δ_1, ..., Δ_n]``. The Hessian of ``R_lin`` at ``Δ`` is ``(1/n) Σ_i J_iᵀ (∂²l/∂f²)(f_i + J_i Δ) J_i``,
+    so ``Δ_1`` is the damped Gauss-Newton step ``−(G + εI)⁻¹ ∇R``. For the squared error ``R_lin`` is quadratic and
+    ``Δ_1`` is already its minimizer; for a convex loss of the outputs (the cross-entropies on logits) the
+    iterates converge to the minimizer of the linearized problem, which then differs from the GN step.
+    """
+    zero = _curvature.flat_parameters(model) * 0
+
+    def objective(delta):
+        return _curvature.linearized_risk(model, loss, x, y, delta) + 0.5 * damping * delta @ delta
+
+    iterates = [zero]
+    for _ in range(n_iterations):
+        delta = iterates[-1]
+        gradient = torch.func.grad(objective)(delta)
+        hessian = torch.func.hessian(objective)(delta)
+        iterates.append(delta - torch.linalg.solve(hessian, gradient))
+    return iterates
 
 
 def lecun_learning_rate(hessian: torch.Tensor) -> float:
