@@ -1,0 +1,138 @@
+"""What curvature costs: entries, memory and floating-point operations from a network's layer sizes
+(thesis §3.1.1, §3.1.4, §3.1.5, §6.3.1, §6.4.2).
+
+Conventions, stated once:
+
+* A network is the list of its linear layers' ``(n_in, n_out)``, each with a bias; ``P = Σ (n_in + 1) n_out``
+  parameters and ``W = Σ n_in n_out`` weights.
+* FLOPs count the matrix products only, two per multiply-add (the convention of
+  ``torch.utils.flop_counter.FlopCounterMode``, against which ``tests/test_costs.py`` checks every count
+  that a product computes); element-wise work (activations, bias additions) is left out.
+* One minibatch of ``n`` examples: a forward pass costs ``2nW``, the backward pass ``4nW`` minus the
+  gradient with respect to the network's input, which nobody needs (``2n n_in n_out`` of the first layer).
+* Inverting (solving with) a dense symmetric ``m × m`` matrix costs a Cholesky factorization, ``m³/3``
+  (leading term); damping ``+ εI`` makes the matrices positive definite.
+* Memory: dense float32 matrices, 4 bytes per entry, every entry stored.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from torch import nn
+
+from .initialization import linear_layers
+
+__all__ = [
+    "FLOAT32_BYTES",
+    "LayerSizes",
+    "layer_sizes",
+    "parameter_count",
+    "weight_count",
+    "forward_flops",
+    "gradient_flops",
+    "hessian_vector_product_flops",
+    "gauss_newton_vector_product_flops",
+    "cholesky_flops",
+    "CurvatureCost",
+    "curvature_costs",
+]
+
+#: Bytes of one float32 entry.
+FLOAT32_BYTES = 4
+
+LayerSizes = Sequence[tuple[int, int]]
+
+
+def layer_sizes(model: nn.Module) -> list[tuple[int, int]]:
+    """``(n_in, n_out)`` of each ``nn.Linear`` of ``model``, in forward order."""
+    return [(layer.in_features, layer.out_features) for layer in linear_layers(model)]
+
+
+def parameter_count(sizes: LayerSizes) -> int:
+    """``P = Σ (n_in + 1) n_out``: weights and biases."""
+    return sum((n_in + 1) * n_out for n_in, n_out in sizes)
+
+
+def weight_count(sizes: LayerSizes) -> int:
+    """``W = Σ n_in n_out``: the multiply-adds of one example's forward pass."""
+    return sum(n_in * n_out for n_in, n_out in sizes)
+
+
+def forward_flops(sizes: LayerSizes, batch_size: int) -> int:
+    """One forward pass of ``n`` examples: ``2nW``."""
+    return 2 * batch_size * weight_count(sizes)
+
+
+def _input_gradient_flops(sizes: LayerSizes, batch_size: int) -> int:
+    n_in, n_out = sizes[0]
+    return 2 * batch_size * n_in * n_out
+
+
+def gradient_flops(sizes: LayerSizes, batch_size: int) -> int:
+    """Forward plus backward pass (``∂L/∂h`` and ``∂L/∂W`` per layer, none for the input): ``6nW − 2n n_0 n_1``."""
+    return 6 * batch_size * weight_count(sizes) - _input_gradient_flops(sizes, batch_size)
+
+
+def hessian_vector_product_flops(sizes: LayerSizes, batch_size: int) -> int:
+    """``H v`` by forward-mode differentiation of the gradient: each product of the gradient computation
+    gains two tangent products (``Ẋ Y + X Ẏ``), so three gradients' worth."""
+    return 3 * gradient_flops(sizes, batch_size)
+
+
+def gauss_newton_vector_product_flops(sizes: LayerSizes, batch_size: int) -> int:
+    """``G v``: ``J v`` (forward pass with tangents, ``6nW``) then ``Jᵀ u`` (a forward and a backward pass):
+    ``12nW − 2n n_0 n_1``, as torch's ``jvp`` + ``vjp`` compute it (:class:`fso_lib.matrix_free.CurvatureProducts`)."""
+    return 6 * batch_size * weight_count(sizes) + gradient_flops(sizes, batch_size)
+
+
+def cholesky_flops(m: int) -> float:
+    """Factorizing a dense symmetric positive definite ``m × m`` matrix: ``m³/3`` (leading term)."""
+    return m ** 3 / 3
+
+
+@dataclass(frozen=True)
+class CurvatureCost:
+    """One curvature object of a network: how many numbers it holds and what it costs to build and invert."""
+
+    name: str
+    shapes: str          # e.g. "1 matrix P × P" or "8 pairs (n_in+1)² and n_out²"
+    entries: int
+    form_flops: float     # to build it from one minibatch
+    invert_flops: float   # to factorize it (0 when nothing is inverted)
+    how_formed: str
+
+    @property
+    def bytes_float32(self) -> int:
+        return FLOAT32_BYTES * self.entries
+
+
+def curvature_costs(sizes: LayerSizes, batch_size: int) -> list[CurvatureCost]:
+    """The table of notebook 03c: the gradient, then the full Hessian, Gauss-Newton (or Fisher), its
+    layer-wise block diagonal (§3.1.5), K-FAC's Kronecker factors (§6.5.1) and ACP's input covariances
+    (§6.4.2), each with entries, FLOPs to form from a minibatch of ``batch_size`` and FLOPs to invert."""
+    sizes = [(int(a), int(b)) for a, b in sizes]
+    n, n_params = int(batch_size), parameter_count(sizes)
+    blocks = [(n_in + 1) * n_out for n_in, n_out in sizes]
+    gvp, hvp = gauss_newton_vector_product_flops(sizes, n), hessian_vector_product_flops(sizes, n)
+    k = len(sizes)
+    return [
+        CurvatureCost("gradient (for comparison)", "1 vector of P", n_params, gradient_flops(sizes, n), 0.0,
+                      "one forward and one backward pass"),
+        CurvatureCost("full Hessian H", "1 matrix P × P", n_params ** 2, n_params * hvp, cholesky_flops(n_params),
+                      "P Hessian-vector products, one per column"),
+        CurvatureCost("Gauss-Newton G or Fisher F", "1 matrix P × P", n_params ** 2, n_params * gvp,
+                      cholesky_flops(n_params), "P GN-vector products, one per column"),
+        CurvatureCost("block-diagonal G (one block per layer)", f"{k} blocks (n_in+1)·n_out squared",
+                      sum(b ** 2 for b in blocks), n_params * gvp, sum(cholesky_flops(b) for b in blocks),
+                      "P GN-vector products: a column of one block still needs a full product"),
+        CurvatureCost("K-FAC factors A and G per layer", f"{k} pairs (n_in+1)² and n_out²",
+                      sum((n_in + 1) ** 2 + n_out ** 2 for n_in, n_out in sizes),
+                      sum(2 * n * ((n_in + 1) ** 2 + n_out ** 2) for n_in, n_out in sizes),
+                      sum(cholesky_flops(n_in + 1) + cholesky_flops(n_out) for n_in, n_out in sizes),
+                      "outer products of the inputs h and of the gradients ∂L/∂a of a backward pass"),
+        CurvatureCost("ACP input covariance C per layer", f"{k} matrices n_in²",
+                      sum(n_in ** 2 for n_in, _ in sizes), sum(2 * n * n_in ** 2 for n_in, _ in sizes),
+                      sum(cholesky_flops(n_in) for n_in, _ in sizes),
+                      "outer products of the centred inputs, from the forward pass"),
+    ]
