@@ -70,16 +70,20 @@ def training_step(
     (``optimizer.update_statistics``, thesis §6.4), given when ``needs_statistics(optimizer)``.
     ``model`` may be a compiled module and ``optimizer_step`` a compiled ``optimizer.step`` (the
     benchmark's ``compile`` option); by default ``optimizer.step()`` is called.
+    An optimizer whose ``wants_minibatch_loss`` is true (K-FAC with ``damping_adaptation``, which measures
+    the loss after its update) gets ``step(minibatch_loss=..., loss=...)``: a forward-only evaluation of this
+    minibatch's loss and the loss just computed; every other optimizer gets a plain ``step()``.
     """
     if statistics_inputs is not None:
         optimizer.update_statistics(statistics_inputs)
     optimizer.zero_grad(set_to_none=True)
     loss = loss_fn(model(x), y)
     loss.backward()
-    if optimizer_step is None:
-        optimizer.step()
+    step = optimizer.step if optimizer_step is None else optimizer_step
+    if getattr(optimizer, "wants_minibatch_loss", False):
+        step(minibatch_loss=lambda: loss_fn(model(x), y), loss=loss.detach())
     else:
-        optimizer_step()
+        step()
     return loss.detach()
 
 

@@ -1,14 +1,31 @@
-"""K-FAC for MLPs (Martens & Grosse 2015; thesis §6.5.1)."""
+"""K-FAC for MLPs (Martens & Grosse 2015; thesis §6.5.1), with Martens & Grosse's adaptive damping and
+quadratic-model step (their §6.5 and §7) as options, and the thesis's amortization as a named configuration."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 from torch import nn
 
 from .base import DivergenceError, LayerwiseOptimizer, damped_inverse
+from .quadratic_model import (
+    MinibatchQuadraticModel, levenberg_marquardt_damping, minimizing_coefficients, model_change, output_fisher_product,
+    reduction_ratio,
+)
 
-__all__ = ["KFAC", "SAMPLED_LOSSES", "kfac_product_order"]
+__all__ = ["KFAC", "SAMPLED_LOSSES", "STEP_RULES", "KFAC_THESIS_PROTOCOL", "THESIS_STATISTICS_MINIBATCH",
+           "kfac_product_order"]
+
+#: The thesis's amortization for every chapter-6 method (§6.6.2): the factors are re-estimated and re-inverted
+#: every 100 updates, each time from one separate statistics minibatch and with no running average (the factors
+#: are those of that minibatch alone). Use as ``KFAC(model, lr=..., damping=..., **KFAC_THESIS_PROTOCOL)``;
+#: the statistics minibatch is the harness's: the thesis's holds :data:`THESIS_STATISTICS_MINIBATCH` examples.
+KFAC_THESIS_PROTOCOL = dict(statistics_period=100, inverse_period=100, running_average=0.0)
+#: Examples in the thesis's statistics minibatch (and in its training minibatch), §6.6.2.
+THESIS_STATISTICS_MINIBATCH = 200
+#: ``"fixed"``: the step is ``−lr · Δ`` with heavy-ball momentum; ``"quadratic_model"``: Martens & Grosse's §7.
+STEP_RULES = ("fixed", "quadratic_model")
 
 
 def _squared_error_sample(output: torch.Tensor) -> torch.Tensor:
@@ -50,9 +67,9 @@ class KFAC(LayerwiseOptimizer):
     a product of sums, ``E[ã ãᵀ] ⊗ E[g gᵀ]`` with ``ã = [h; 1]`` and ``g`` the per-example gradient of the
     sampled loss w.r.t. the pre-activation. In torch's ``[W b]`` row-major layout the update is::
 
-        Δ[W b] = (G + (√λ/π) I)⁻¹ ∇_{[W b]} (A + π√λ I)⁻¹,   π = sqrt( (tr A / (n_in+1)) / (tr G / n_out) )
+        Δ[W b] = (G + (γ/π) I)⁻¹ ∇_{[W b]} (A + π γ I)⁻¹,   γ = √ε,   π = sqrt( (tr A / (n_in+1)) / (tr G / n_out) )
 
-    (factored Tikhonov damping with Martens & Grosse's π correction, §6.3 of their paper).
+    (``ε`` = ``damping``; factored Tikhonov damping with Martens & Grosse's π correction, §6.3 of their paper).
 
     * ``loss`` names the model's predictive distribution, i.e. the training loss:
       ``"squared_error"`` (default, ``mean_i ‖f_i − y_i‖²``, any real outputs); ``"bernoulli"`` (binary
@@ -76,6 +93,43 @@ class KFAC(LayerwiseOptimizer):
       against both factor sizes.
     * A statistics minibatch with inf/NaN (or outputs outside [0, 1] for ``"bernoulli"``) is recorded on
       the device and reported at the next inversion with an error that says so.
+
+    **K-FAC as Martens & Grosse run it** (both options off by default: the plain K-FAC above). Both use the
+    *exact* Fisher ``F`` of the current training minibatch through the quadratic model
+    ``M(δ) − M(0) = ½ δᵀ(F + εI)δ + ∇ᵀδ`` (:mod:`fso_lib.optim.quadratic_model`; ``F``-products by forward-mode
+    JVPs of the model on the minibatch, whose inputs are read from the first layer's captured input: the model
+    must start with its first ``nn.Linear``, as the book's MLPs do; ``loss`` must be a name or a
+    :class:`fso_lib.losses.Loss`, which give the output Fisher ``D``).
+
+    * ``step_rule="quadratic_model"`` (§7): the update is ``δ = α Δ + μ δ₀`` with ``Δ = −F̆⁻¹∇`` the K-FAC
+      direction, ``δ₀`` the previous update, and ``(α, μ)`` the minimizer of ``M`` (a 2×2 linear system solved on
+      the device: no host read; first update, or after ``δ₀`` is lost: ``μ = 0``, ``α`` the line minimizer).
+      ``lr`` and ``momentum`` are **ignored** (kept in the parameter groups, unused). ``kl_clip``, if set, then
+      scales the step so that ``δᵀFδ ≤ kl_clip`` with the exact ``F`` (for the fixed rule it bounds
+      ``lr²·⟨Δ, ∇⟩ = δᵀF̆δ``). Cost per update: one JVP through the model for each of the two directions
+      (sharing the primal pass), the weight gradient ``gᵀh`` (one GEMM per layer) and a few inner products.
+    * ``damping_adaptation=True`` (§6.5, Levenberg–Marquardt): every ``damping_adaptation_period`` (T₁) updates,
+      ``ρ = (L(θ+δ) − L(θ)) / (M(δ) − M(0))`` on that update's minibatch; ``ρ > 3/4`` ⇒ ``ε ← ω₁ε``,
+      ``ρ < 1/4`` ⇒ ``ε ← ε/ω₁``, ``ω₁ = (19/20)^T₁`` (a model that predicted no decrease, or a non-finite ρ,
+      counts as ``ρ < 1/4``), clamped to ``damping_bounds`` (default ``(1e-6, 1e4)``: the lower bound keeps
+      ``γ = √ε ≥ 10⁻³`` so the damped factors stay invertible in float32, the upper one stops a run of bad
+      minibatches from freezing training). Every parameter group's damping is scaled alike. The new ``ε``
+      enters the quadratic model at once and the factored damping ``γ = √ε`` at the next inversion (every
+      ``inverse_period`` updates). ``M`` in ``ρ`` is the undamped model (``F`` alone) unless ``damped_rho=True``
+      (``F + εI``). A step skipped as non-finite measures nothing.
+      **Interface**: ``L(θ+δ)`` needs the training loss, which the optimizer does not know. Call
+      ``opt.step(minibatch_loss=fn, loss=L)`` where ``fn()`` returns the training loss of this update's
+      minibatch at the current parameters (forward pass only; the optimizer calls it under ``torch.no_grad()``
+      with its hooks off, once after the update on the ρ updates), and ``loss`` is ``L(θ)`` from the training
+      forward pass (if omitted, ``fn()`` is also called before the update). A torch-style ``closure`` works
+      too (its return value is ``L(θ)``). :func:`fso_lib.training.training_step` does this for any optimizer
+      whose :attr:`wants_minibatch_loss` is true. Cost: one forward pass and one host read per T₁ updates
+      (plus, with the fixed rule, a copy of the parameters and one JVP).
+
+    Logged, for a harness: :attr:`damping` (group 0's current ε), :attr:`last_rho` (float, NaN before the first
+    measurement), :attr:`last_step_coefficients` (``[α, μ]`` on the device, quadratic-model rule) and
+    :attr:`last_model_change` (``M(δ) − M(0)`` of the last measured or quadratic-model step, on the device).
+    ``state_dict()`` keeps the adapted damping (in the parameter groups), ``δ₀`` and ``last_rho``.
     """
 
     forms_weight_gradient = True
@@ -94,9 +148,28 @@ class KFAC(LayerwiseOptimizer):
         check_finite: bool = True,
         weight_grads: bool = False,
         check_every: int | None = 1,
+        damping_adaptation: bool = False,
+        damping_adaptation_period: int = 5,
+        damping_bounds: tuple[float, float] = (1e-6, 1e4),
+        step_rule: str = "fixed",
+        damped_rho: bool = False,
     ):
         if damping <= 0:
             raise ValueError("damping must be positive")
+        if step_rule not in STEP_RULES:
+            raise ValueError(f"step_rule must be one of {STEP_RULES}, got {step_rule!r}")
+        if int(damping_adaptation_period) < 1:
+            raise ValueError("damping_adaptation_period must be at least 1")
+        low, high = (float(b) for b in damping_bounds)
+        if not 0 < low <= high:
+            raise ValueError(f"damping_bounds must be (low, high) with 0 < low <= high, got {damping_bounds}")
+        uses_model = bool(damping_adaptation) or step_rule == "quadratic_model"
+        if uses_model:
+            try:
+                output_fisher_product(loss)
+            except TypeError as exc:
+                raise ValueError(f"damping_adaptation and step_rule='quadratic_model' need the exact Fisher: {exc}") from None
+        self.fisher_loss = loss
         self.loss_name = loss if isinstance(loss, str) else None
         if isinstance(loss, str):
             if loss not in SAMPLED_LOSSES:
@@ -119,6 +192,32 @@ class KFAC(LayerwiseOptimizer):
         self.kl_clip = kl_clip
         if self.statistics_period < 1 or self.inverse_period < 1:
             raise ValueError("statistics_period and inverse_period must be at least 1")
+        self.damping_adaptation = bool(damping_adaptation)
+        self.damping_adaptation_period = int(damping_adaptation_period)
+        self.damping_bounds = (low, high)
+        self.step_rule = step_rule
+        self.damped_rho = bool(damped_rho)
+        self.last_rho = float("nan")
+        self.last_step_coefficients = None
+        self.last_model_change = None
+        names = {p: name for name, p in model.named_parameters()}
+        self._parameter_names = [[names[p] for p in group["params"]] for group in self.param_groups]
+        if uses_model and _first_leaf(model) is not self.layers[0]:
+            raise ValueError(
+                "damping_adaptation and step_rule='quadratic_model' read the network input from the first "
+                "nn.Linear's captured input: the model must start with that layer (e.g. an nn.Sequential whose "
+                "first module is the first nn.Linear)."
+            )
+
+    @property
+    def damping(self) -> float:
+        """The current damping ε of the first parameter group (adapted when ``damping_adaptation``)."""
+        return self.param_groups[0]["damping"]
+
+    @property
+    def wants_minibatch_loss(self) -> bool:
+        """True when :meth:`step` needs ``minibatch_loss`` (damping adaptation measures ``L(θ+δ)``)."""
+        return self.damping_adaptation
 
     def needs_statistics(self) -> bool:
         return self.n_updates % self.statistics_period == 0
@@ -217,7 +316,7 @@ class KFAC(LayerwiseOptimizer):
         if left == "gradient" and right == "gradient":
             grad = torch.cat([self._weight_gradient(group, h, g), bias.grad[:, None]], dim=1)
             direction = g_inv @ grad @ a_inv
-            if self.kl_clip is not None:
+            if self.kl_clip is not None and self.step_rule == "fixed":
                 state["kl_term"] = (direction * grad).sum()
             return direction[:, :n_in], direction[:, n_in]
         # [h 1] A⁻¹ = h A⁻¹[:n_in] + A⁻¹[n_in]
@@ -229,12 +328,14 @@ class KFAC(LayerwiseOptimizer):
             direction = torch.cat([g_g.T @ h, g_g.sum(0)[:, None]], dim=1) @ a_inv
         else:                      # G⁻¹ (gᵀ ([h 1] A⁻¹))
             direction = g_inv @ (g.T @ h_a)
-        if self.kl_clip is not None:
+        if self.kl_clip is not None and self.step_rule == "fixed":
             # ⟨Δ, gᵀ[h 1]⟩ = Σ_i g_iᵀ Δ [h_i; 1], without forming the weight gradient
             state["kl_term"] = (g * (torch.addmm(direction[:, n_in], h, direction[:, :n_in].T))).sum()
         return direction[:, :n_in], direction[:, n_in]
 
     def _scale_updates(self, updates):
+        if self.step_rule == "quadratic_model":
+            return self._quadratic_model_updates(updates)
         if self.kl_clip is None:
             return updates
         lr = self.param_groups[0]["lr"]
@@ -243,17 +344,152 @@ class KFAC(LayerwiseOptimizer):
         scale = torch.where(quadratic > self.kl_clip, (self.kl_clip / quadratic).sqrt(), torch.ones_like(quadratic))
         return [(dw * scale, db * scale) for dw, db in updates]
 
+    # -- Martens & Grosse's exact-Fisher quadratic model (§6.5, §7) ---------------------------------------------
+    @contextlib.contextmanager
+    def _hooks_off(self):
+        enabled = self.capture.enabled
+        self.capture.enabled = False
+        try:
+            yield
+        finally:
+            self.capture.enabled = enabled
+
+    def _evaluate_loss(self, minibatch_loss) -> torch.Tensor:
+        with self._hooks_off(), torch.no_grad():
+            value = minibatch_loss()
+        return torch.as_tensor(value).detach().reshape(())
+
+    def _current_quadratic_model(self, parameters=None) -> MinibatchQuadraticModel:
+        """The model ``M`` on the minibatch of this update (captured inputs and gradients), at the current θ."""
+        gradient = {}
+        for k, (group, (name_w, name_b)) in enumerate(zip(self.param_groups, self._parameter_names)):
+            h, g = self._captured(k)
+            gradient[name_w] = self._weight_gradient(group, h, g)
+            gradient[name_b] = g.sum(0)
+        inputs = self._captured(0)[0]
+        return MinibatchQuadraticModel(self.model, inputs, gradient, self.fisher_loss, parameters=parameters)
+
+    def _damping_weights(self) -> dict[str, float]:
+        return {name: group["damping"] for group, names in zip(self.param_groups, self._parameter_names) for name in names}
+
+    def _quadratic_model_updates(self, updates):
+        """``δ = α Δ + μ δ₀`` with ``(α, μ)`` minimizing the exact-Fisher model (Martens & Grosse §7), on the device."""
+        proposal, previous = {}, {}
+        for group, names, pair in zip(self.param_groups, self._parameter_names, updates):
+            for p, name, direction in zip(group["params"], names, pair):
+                proposal[name] = -direction
+                if "previous_update" in self.state[p]:
+                    previous[name] = self.state[p]["previous_update"]
+        directions = [proposal] + ([previous] if len(previous) == len(proposal) else [])
+        model = self._current_quadratic_model()
+        with self._hooks_off():
+            fisher_gram = model.fisher_gram(directions)
+        euclidean_gram = model.euclidean_gram(directions, self._damping_weights())
+        gradient_dots = model.gradient_dots(directions)
+        coefficients = minimizing_coefficients(fisher_gram, euclidean_gram, gradient_dots, damping=1.0)
+        if self.kl_clip is not None:
+            fisher_norm = coefficients @ fisher_gram @ coefficients
+            clip = torch.where(fisher_norm > self.kl_clip, (self.kl_clip / fisher_norm).sqrt(), torch.ones_like(fisher_norm))
+            coefficients = coefficients * clip
+        self.last_model_change = model_change(coefficients, fisher_gram, euclidean_gram, gradient_dots,
+                                              damping=1.0 if self.damped_rho else 0.0)
+        full = coefficients if len(directions) == 2 else torch.cat([coefficients, torch.zeros_like(coefficients)])
+        self.last_step_coefficients = full
+        steps = []
+        for names in self._parameter_names:
+            pair = []
+            for name in names:
+                delta = coefficients[0] * proposal[name]
+                if len(directions) == 2:
+                    delta = delta + coefficients[1] * previous[name]
+                pair.append(delta)
+            steps.append(tuple(pair))
+        return steps
+
+    def _apply(self, group, pair, skip):
+        if self.step_rule != "quadratic_model":
+            return super()._apply(group, pair, skip)
+        # the quadratic-model rule: ``pair`` holds δ itself; remember it as the next update's δ₀
+        for p, delta in zip(group["params"], pair):
+            state = self.state[p]
+            if skip is not None:
+                delta.masked_fill_(skip, 0.0)
+            p.add_(delta)
+            if skip is None or "previous_update" not in state:
+                state["previous_update"] = delta
+            else:
+                state["previous_update"] = torch.where(skip, state["previous_update"], delta)
+
+    @torch.no_grad()
+    def step(self, closure=None, minibatch_loss=None, loss=None):
+        """One update. ``closure``: torch's (zero the gradients, forward, backward, return the loss).
+        ``minibatch_loss`` and ``loss``: see the class docstring (needed with ``damping_adaptation`` only)."""
+        if not self.damping_adaptation and self.step_rule == "fixed":
+            return super().step(closure)
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        measure = self.damping_adaptation and (self.n_updates + 1) % self.damping_adaptation_period == 0
+        loss_before = before = model = None
+        if measure:
+            if minibatch_loss is None:
+                raise ValueError(
+                    "KFAC(damping_adaptation=True) measures the loss after its update: call "
+                    "opt.step(minibatch_loss=lambda: loss_fn(model(x), y), loss=loss) (fso_lib.training.training_step does)."
+                )
+            loss_before = self._evaluate_loss(minibatch_loss) if loss is None else torch.as_tensor(loss).detach().reshape(())
+            if self.step_rule == "fixed":
+                before = {name: p.detach().clone() for group, names in zip(self.param_groups, self._parameter_names)
+                          for p, name in zip(group["params"], names)}
+                model = self._current_quadratic_model(parameters=before)
+        result = super().step(None if loss is None else (lambda: loss))
+        if measure:
+            self._adapt_damping(minibatch_loss, loss_before, before, model)
+        return result
+
+    def _adapt_damping(self, minibatch_loss, loss_before, before, model) -> None:
+        """Levenberg–Marquardt (Martens & Grosse §6.5): ρ on this update's minibatch, then ε scaled by ω₁^±1."""
+        if bool(self._diverged):  # the update was skipped as non-finite: nothing was measured
+            self.last_rho = float("nan")
+            return
+        if self.step_rule == "fixed":
+            delta = {name: p.detach() - before[name] for group, names in zip(self.param_groups, self._parameter_names)
+                     for p, name in zip(group["params"], names)}
+            with self._hooks_off():
+                fisher_gram = model.fisher_gram([delta])
+            euclidean_gram = model.euclidean_gram([delta], self._damping_weights())
+            one = torch.ones(1, dtype=fisher_gram.dtype, device=fisher_gram.device)
+            self.last_model_change = model_change(one, fisher_gram, euclidean_gram, model.gradient_dots([delta]),
+                                                  damping=1.0 if self.damped_rho else 0.0)
+        loss_after = self._evaluate_loss(minibatch_loss)
+        predicted = self.last_model_change.to(loss_after.dtype)
+        rho, predicted_value = torch.stack([reduction_ratio(loss_before.to(loss_after.dtype), loss_after, predicted),
+                                            predicted]).tolist()  # the one host read of the measurement
+        self.last_rho = rho
+        for group in self.param_groups:
+            group["damping"] = levenberg_marquardt_damping(group["damping"], rho, self.damping_adaptation_period,
+                                                           self.damping_bounds, predicted_decrease=predicted_value < 0)
+
     def state_dict(self):
         sd = super().state_dict()
         sd["statistics_period"] = self.statistics_period
         sd["inverse_period"] = self.inverse_period
+        sd["last_rho"] = self.last_rho
         return sd
 
     def load_state_dict(self, state_dict):
         state_dict = dict(state_dict)
         self.statistics_period = int(state_dict.pop("statistics_period", self.statistics_period))
         self.inverse_period = int(state_dict.pop("inverse_period", self.inverse_period))
+        self.last_rho = float(state_dict.pop("last_rho", float("nan")))
         super().load_state_dict(state_dict)
+
+
+def _first_leaf(module: nn.Module) -> nn.Module:
+    """The module that ``module``'s forward pass (of an ``nn.Sequential``) applies first."""
+    while isinstance(module, nn.Sequential) and len(module) > 0:
+        module = module[0]
+    return module
 
 
 def kfac_product_order(n: int, n_in: int, n_out: int, weight_grads: bool) -> tuple[str, str]:
