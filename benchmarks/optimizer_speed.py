@@ -64,6 +64,8 @@ CONFIGS = {
     "acp_sync_free": ("acp", dict(lr=0.01, amortization_period=100, check_every=None)),
     "kfac_sync_free": ("kfac", dict(lr=0.01, statistics_period=10, inverse_period=100, check_every=None)),
     "natural_nn": ("natural_nn", dict(lr=0.01, amortization_period=100)),
+    "natural_nn_implicit": ("natural_nn_implicit", dict(lr=0.01, amortization_period=100)),
+    "acp_dense_inverse": ("acp", dict(lr=0.01, amortization_period=100, inverse_form="dense")),
 }
 PHASES = ("forward", "backward", "precondition", "statistics", "inversion")
 

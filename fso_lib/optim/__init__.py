@@ -39,13 +39,14 @@ from ..normalization import MeanOnlyBatchNorm1d, with_batch_norm
 from .acp import ACP, BIAS_UPDATES, acp_product_order
 from .base import DivergenceError, LayerwiseOptimizer, check_divergence, damped_inverse, needs_statistics
 from .centered import CenteredSGD
+from .inverse import INVERSE_FORMS, CovarianceInverse, inverse_form
 from .kfac import KFAC, SAMPLED_LOSSES, kfac_product_order
 from .natural import NaturalNeuralNetwork, WhitenedLinear, whiten_model
 
 __all__ = [
     "ACP", "KFAC", "CenteredSGD", "NaturalNeuralNetwork", "WhitenedLinear", "whiten_model",
     "DivergenceError", "LayerwiseOptimizer", "damped_inverse", "needs_statistics", "check_divergence",
-    "acp_product_order", "kfac_product_order",
+    "acp_product_order", "kfac_product_order", "CovarianceInverse", "INVERSE_FORMS", "inverse_form",
     "OptimizerSpec", "OPTIMIZERS", "make_optimizer", "prepare_model", "BIAS_UPDATES", "SAMPLED_LOSSES",
 ]
 
@@ -113,6 +114,13 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             {"lr": _LR, "damping": "ε added to the covariance before U = C^(-1/2)", "amortization_period": "N, updates between re-whitenings",
              "momentum": "heavy ball"},
             "§6.5.2 (Desjardins et al. 2015)", model_variant="whitened", uses_statistics=True),
+        OptimizerSpec(
+            "natural_nn_implicit", lambda model, **hp: NaturalNeuralNetwork(model, whitened_layers=False, **hp),
+            dict(lr=0.1, damping=0.1, amortization_period=100, momentum=0.0),
+            {"lr": _LR, "damping": "ε added to the covariance before its inverse", "amortization_period": "N, updates between re-whitenings",
+             "momentum": "heavy ball", "inverse_form": "'auto', 'dense' or 'woodbury' (fso_lib.optim.inverse)"},
+            "§6.5.2 (Desjardins et al. 2015), whitening implicit: the updates of natural_nn on plain nn.Linear layers",
+            uses_statistics=True),
     ]
 }
 

@@ -6,7 +6,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..layer_stats import UnsupportedLayerError
+from .acp import acp_product_order
 from .base import DivergenceError, LayerwiseOptimizer
+from .inverse import INVERSE_FORMS, CovarianceInverse
 
 __all__ = ["WhitenedLinear", "whiten_model", "NaturalNeuralNetwork"]
 
@@ -103,44 +105,79 @@ def whiten_model(model: nn.Module) -> nn.Module:
 class NaturalNeuralNetwork(LayerwiseOptimizer):
     """Projected natural gradient descent on whitened layers (Desjardins et al. 2015; Thesis §6.5.2).
 
-    The model's ``nn.Linear`` layers are replaced **in place** by :class:`WhitenedLinear` layers
-    (:func:`whiten_model`); plain gradient descent (optionally with momentum) then trains ``V`` and ``d``.
-    Every ``amortization_period`` updates, :meth:`update_statistics` runs a forward pass on a separate
-    minibatch and re-whitens each layer (``U``, ``μ`` from that minibatch, ``V``, ``d`` re-solved so that
-    the network function does not change). Because the whitened input has zero mean and identity
-    covariance, a gradient step on ``V`` is a step preconditioned by ``C⁻¹`` on the equivalent ``W``.
+    ``whitened_layers=True`` (default): the model's ``nn.Linear`` layers are replaced **in place** by
+    :class:`WhitenedLinear` layers (:func:`whiten_model`); plain gradient descent (optionally with momentum)
+    then trains ``V`` and ``d``. Every ``amortization_period`` updates, :meth:`update_statistics` runs a forward
+    pass on a separate minibatch and re-whitens each layer (``U``, ``μ`` from that minibatch, ``V``, ``d``
+    re-solved so that the network function does not change). Because the whitened input has zero mean and
+    identity covariance, a gradient step on ``V`` is a step preconditioned by ``C⁻¹`` on the equivalent ``W``.
+
+    ``whitened_layers=False``: the same training, with the whitening implicit. The model keeps its
+    ``nn.Linear`` layers and the optimizer applies to ``W = V U`` and ``b = d − W μ`` the step that gradient
+    descent on ``V``, ``d`` would make. With ``g = ∂L/∂a`` and ``U² = (C + εI)⁻¹``::
+
+        ΔW = gᵀ (h − μ) (C + εI)⁻¹,    Δb = Σ_i g_i − ΔW μ
+
+    (heavy-ball buffers map the same way, and are reset at every re-whitening as in the whitened form).
+    The layers then cost what a plain layer costs in the forward and backward passes (the whitened layer
+    adds a GEMM to each), autograd forms no weight gradient (``weight_grads``, as for ACP), and the
+    inverse is applied in dense or Woodbury form (``inverse_form``, :mod:`fso_lib.optim.inverse`). This is
+    ACP's update with α = 1, the statistics minibatch's mean μ in place of the training minibatch's, and
+    ε added to the covariance.
 
     Hyperparameters: ``lr``; ``damping`` (ε added to the covariance before its inverse square root);
-    ``amortization_period`` (N); ``momentum``. ``check_every``: see :class:`~fso_lib.optim.base.LayerwiseOptimizer`
-    (the update is the gradient of ``V``, so autograd's ``V.grad`` is always formed and used).
+    ``amortization_period`` (N); ``momentum``. ``check_every``: see :class:`~fso_lib.optim.base.LayerwiseOptimizer`.
     """
 
-    capture_inputs = False
-    capture_grads = False
-
     def __init__(self, model: nn.Module, lr: float = 0.01, damping: float = 1e-2, amortization_period: int = 100,
-                 momentum: float = 0.0, check_finite: bool = True, check_every: int | None = 1):
-        whiten_model(model)
+                 momentum: float = 0.0, check_finite: bool = True, check_every: int | None = 1,
+                 whitened_layers: bool = True, weight_grads: bool = False, inverse_form: str = "auto"):
         if damping <= 0:
             raise ValueError("damping must be positive")
+        if inverse_form not in INVERSE_FORMS:
+            raise ValueError(f"inverse_form must be one of {INVERSE_FORMS}, got {inverse_form!r}")
+        self.whitened_layers = bool(whitened_layers)
+        if self.whitened_layers:
+            whiten_model(model)
+            # the update is the gradient of V, which autograd forms: nothing to capture
+            self.capture_inputs = self.capture_grads = self.forms_weight_gradient = False
+        elif any(isinstance(m, WhitenedLinear) for m in model.modules()):
+            raise UnsupportedLayerError(
+                "whitened_layers=False trains a model of plain nn.Linear layers, but this model holds WhitenedLinear "
+                "layers: pass the model before whiten_model, or use whitened_layers=True.")
+        else:
+            self.capture_inputs = self.capture_grads = self.forms_weight_gradient = True
+        self.inverse_form = inverse_form
         super().__init__(model, dict(lr=lr, damping=damping, momentum=momentum), check_finite=check_finite,
-                         check_every=check_every)
+                         check_every=check_every, weight_grads=weight_grads)
         self.amortization_period = int(amortization_period)
 
     def _find_layers(self, model):
+        if not self.whitened_layers:
+            return super()._find_layers(model)
         layers = [m for m in model.modules() if isinstance(m, WhitenedLinear)]
         if not layers:
             raise UnsupportedLayerError("The model has no layer to whiten.")
         return layers
 
     def _layer_params(self, layer):
-        return [layer.V, layer.d]
+        return [layer.V, layer.d] if self.whitened_layers else [layer.weight, layer.bias]
 
     def needs_statistics(self) -> bool:
         return self.n_updates % self.amortization_period == 0
 
     @torch.no_grad()
     def _collect_statistics(self, x):
+        if self.whitened_layers:
+            self._rewhiten(x)
+        else:
+            self._store_whitening(x)
+        # the momentum buffers live in the old coordinates: reset them
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p].pop("momentum_buffer", None)
+
+    def _rewhiten(self, x):
         inputs = {}
         handles = [
             layer.register_forward_hook(lambda m, args, out, k=k: inputs.__setitem__(k, args[0]))
@@ -154,12 +191,41 @@ class NaturalNeuralNetwork(LayerwiseOptimizer):
         # re-whitening preserves every layer's function, so one forward pass gives all the inputs
         for k, layer in enumerate(self.layers):
             layer.rewhiten(inputs[k], self.param_groups[k]["damping"])
-        # the momentum buffers live in the old coordinates: reset them
-        for group in self.param_groups:
-            for p in group["params"]:
-                self.state[p].pop("momentum_buffer", None)
+
+    def _store_whitening(self, x):
+        """μ and (C + εI)⁻¹ of every layer's input on the statistics minibatch ``x`` (implicit whitening)."""
+        self.capture.clear()
+        self.model(x)
+        for k, (group, layer, h) in enumerate(zip(self.param_groups, self.layers, self.capture.inputs)):
+            if not bool(torch.isfinite(h).all()):  # one host read per layer and re-whitening, not per step
+                raise DivergenceError(
+                    f"Natural neural network: the input of layer {k} on the statistics minibatch is not finite "
+                    "(inf or NaN in the minibatch, or the parameters blew up); try a smaller learning rate.")
+            state = self.state[layer.weight]
+            mean = h.mean(dim=0)
+            inverse = CovarianceInverse.from_centered(h - mean, group["damping"], form=self.inverse_form,
+                                                      what=f"input covariance of layer {k}")
+            state["mean"] = mean
+            state.update(inverse.to_state())
 
     def _layer_update(self, k, group, h, g):
-        v, d = group["params"]
-        # the step is the gradient itself: no copy (a skipped, non-finite step zeroes these .grad in place)
-        return v.grad, d.grad
+        if self.whitened_layers:
+            v, d = group["params"]
+            # the step is the gradient itself: no copy (a skipped, non-finite step zeroes these .grad in place)
+            return v.grad, d.grad
+        weight, bias = group["params"]
+        state = self.state[weight]
+        inverse = CovarianceInverse.from_state(state)
+        if inverse is None:  # no statistics yet: U = I and μ = 0, plain gradient descent
+            return self._weight_gradient(group, h, g), bias.grad.clone()
+        mean = state["mean"]
+        n, n_in = h.shape
+        if acp_product_order(n, n_in, g.shape[1], self.weight_grads) == "gradient":
+            if self.weight_grads:
+                centered_grad = torch.addr(weight.grad, bias.grad, mean, alpha=-1.0)
+            else:
+                centered_grad = g.T @ (h - mean)
+            d_weight = inverse.apply(centered_grad)
+            return d_weight, bias.grad - d_weight @ mean
+        preconditioned = inverse.apply(h - mean)
+        return g.T @ preconditioned, bias.grad - g.T @ (preconditioned @ mean)
