@@ -45,7 +45,9 @@ import numpy as np
 
 __all__ = [
     "Param",
+    "Choice",
     "Domain",
+    "narrow",
     "Trial",
     "SearchResult",
     "SerialExecutor",
@@ -56,6 +58,9 @@ __all__ = [
     "random_search",
     "biased_random_search",
     "run_search",
+    "start_trial_log",
+    "append_trial",
+    "read_trial_log",
     "SEARCHES",
 ]
 
@@ -63,39 +68,92 @@ __all__ = [
 # ----------------------------------------------------------------------------- the domain
 @dataclass(frozen=True)
 class Param:
-    """One hyperparameter in ``[low, high]``; ``log=True`` samples it log-uniformly (learning rates, damping)."""
+    """One hyperparameter in ``[low, high]``; ``log=True`` samples it log-uniformly (learning rates, damping).
+
+    ``none_fraction`` > 0 makes the hyperparameter optional: that share of the unit interval maps to
+    ``None`` (e.g. K-FAC's ``kl_clip`` switched off), the rest to ``[low, high]`` as usual."""
 
     name: str
     low: float
     high: float
     log: bool = False
+    none_fraction: float = 0.0
 
     def __post_init__(self):
         if not self.low < self.high:
             raise ValueError(f"{self.name}: need low < high, got [{self.low}, {self.high}].")
         if self.log and self.low <= 0:
             raise ValueError(f"{self.name}: a log-uniform range must be positive, got [{self.low}, {self.high}].")
+        if not 0.0 <= self.none_fraction < 1.0:
+            raise ValueError(f"{self.name}: none_fraction must be in [0, 1), got {self.none_fraction}.")
 
-    def from_unit(self, u: float) -> float:
-        """Map u in [0, 1] to a value (uniformly, or uniformly in log space)."""
+    def from_unit(self, u: float) -> float | None:
+        """Map u in [0, 1] to a value (uniformly, or uniformly in log space; None below ``none_fraction``)."""
+        if self.none_fraction:
+            if u < self.none_fraction:
+                return None
+            u = (u - self.none_fraction) / (1.0 - self.none_fraction)
         if self.log:
             return float(math.exp(math.log(self.low) + u * (math.log(self.high) - math.log(self.low))))
         return float(self.low + u * (self.high - self.low))
 
-    def to_unit(self, value: float) -> float:
-        """Inverse of :meth:`from_unit`: the coordinate the cost model measures distances in."""
+    def to_unit(self, value: float | None) -> float:
+        """Inverse of :meth:`from_unit`: the coordinate the cost model measures distances in (``None``: the
+        middle of its share)."""
+        if value is None:
+            if not self.none_fraction:
+                raise ValueError(f"{self.name} is not optional: None has no coordinate.")
+            return self.none_fraction / 2
         if self.log:
-            return (math.log(value) - math.log(self.low)) / (math.log(self.high) - math.log(self.low))
-        return (value - self.low) / (self.high - self.low)
+            u = (math.log(value) - math.log(self.low)) / (math.log(self.high) - math.log(self.low))
+        else:
+            u = (value - self.low) / (self.high - self.low)
+        return self.none_fraction + (1.0 - self.none_fraction) * u
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A categorical hyperparameter (a flag, a mode): each of the ``k`` choices owns 1/k of the unit interval,
+    and its coordinate for the cost model is the middle of its share."""
+
+    name: str
+    choices: tuple
+
+    def __init__(self, name: str, choices: Iterable):
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "choices", tuple(choices))
+        if not self.choices or len(set(map(repr, self.choices))) != len(self.choices):
+            raise ValueError(f"{name}: need distinct choices, got {self.choices}.")
+
+    def from_unit(self, u: float):
+        k = len(self.choices)
+        return self.choices[min(int(u * k), k - 1)]
+
+    def to_unit(self, value) -> float:
+        return (self.choices.index(value) + 0.5) / len(self.choices)
+
+    def to_json(self) -> dict:
+        return {"kind": "choice", "name": self.name, "choices": list(self.choices)}
+
+
+def param_from_json(record: dict) -> Param | Choice:
+    """Inverse of ``to_json`` (records without ``kind`` are :class:`Param`, as written before choices existed)."""
+    record = dict(record)
+    if record.pop("kind", "param") == "choice":
+        return Choice(record["name"], record["choices"])
+    return Param(**record)
 
 
 @dataclass(frozen=True)
 class Domain:
     """The box of hyperparameters a search explores (thesis Algorithm 1, 𝒟)."""
 
-    params: tuple[Param, ...]
+    params: tuple[Param | Choice, ...]
 
-    def __init__(self, params: Iterable[Param]):
+    def __init__(self, params: Iterable[Param | Choice]):
         object.__setattr__(self, "params", tuple(params))
         names = [p.name for p in self.params]
         if len(set(names)) != len(names):
@@ -115,8 +173,50 @@ class Domain:
         """One point drawn uniformly (log-uniformly for ``log`` parameters)."""
         return self.from_unit(rng.random(len(self.params)))
 
+    def contains(self, point: dict) -> bool:
+        """Whether ``point`` (a value for every parameter) lies in the domain."""
+        for p in self.params:
+            value = point[p.name]
+            if isinstance(p, Choice):
+                if value not in p.choices:
+                    return False
+            elif value is None:
+                if not p.none_fraction:
+                    return False
+            elif not p.low * (1 - 1e-12) <= value <= p.high * (1 + 1e-12):
+                return False
+        return True
+
     def to_json(self) -> list[dict]:
-        return [asdict(p) for p in self.params]
+        return [p.to_json() for p in self.params]
+
+    @classmethod
+    def from_json(cls, records: list[dict]) -> "Domain":
+        return cls(param_from_json(r) for r in records)
+
+
+def narrow(domain: Domain, best: dict, width: float = 0.25) -> Domain:
+    """The domain of a second, narrowed search round around ``best`` (a point of ``domain``).
+
+    Each continuous parameter keeps a box of ``width`` times its unit (log, for ``log`` parameters) range,
+    centred on the best value and shifted back inside the original range where it would stick out; a
+    choice, and an optional parameter whose best value is ``None``, are held at the best value (a
+    one-choice :class:`Choice`); an optional parameter whose best value is set loses its ``None`` share.
+    The narrowed domain is therefore inside the original one and contains ``best``."""
+    if not 0 < width <= 1:
+        raise ValueError(f"width must be in (0, 1], got {width}")
+    params = []
+    for p in domain.params:
+        value = best[p.name]
+        if isinstance(p, Choice) or value is None:
+            params.append(Choice(p.name, [value]))
+            continue
+        plain = Param(p.name, p.low, p.high, p.log)
+        centre = plain.to_unit(value)
+        start = min(max(centre - width / 2, 0.0), 1.0 - width)
+        low, high = plain.from_unit(start), plain.from_unit(start + width)
+        params.append(Param(p.name, max(low, p.low), min(high, p.high), p.log))
+    return Domain(params)
 
 
 # ----------------------------------------------------------------------------- trials and results
@@ -167,9 +267,7 @@ class SearchResult:
         with open(path, "w") as handle:
             handle.write(json.dumps({"type": "search", "method": self.method, "domain": self.domain.to_json()}) + "\n")
             for t in self.trials:
-                record = {"type": "trial", **asdict(t)}
-                record["cost"] = t.cost if math.isfinite(t.cost) else None
-                handle.write(json.dumps(record) + "\n")
+                handle.write(json.dumps(_trial_record(t)) + "\n")
 
 
 class SerialExecutor(Executor):
@@ -259,6 +357,19 @@ def _call_objective(objective: Callable, params: dict) -> dict:
     return {"cost": cost, "status": "ok", "info": info}
 
 
+def _same_point(a: dict, b: dict) -> bool:
+    if a.keys() != b.keys():
+        return False
+    for key in a:
+        x, y = a[key], b[key]
+        if isinstance(x, float) and isinstance(y, float):
+            if not math.isclose(x, y, rel_tol=1e-9, abs_tol=0.0):
+                return False
+        elif x != y or type(x) is not type(y):
+            return False
+    return True
+
+
 def run_search(
     objective: Callable[[dict], float | dict],
     domain: Domain,
@@ -272,6 +383,7 @@ def run_search(
     shift_grid: bool = False,
     c_max_quantile: float = 1.0,
     on_trial: Callable[[Trial], None] | None = None,
+    history: Iterable[Trial] = (),
 ) -> SearchResult:
     """Run ``n_trials`` experiments proposed by ``method`` (``"grid"``, ``"random"`` or ``"biased"``).
 
@@ -280,6 +392,12 @@ def run_search(
     size for the default pool, else 1 for a serial executor and ``os.cpu_count()`` otherwise).
     ``c_max_quantile`` (biased search): 1.0 is the thesis's rule; see the module docstring for < 1.
     ``on_trial`` is called in this process with each finished :class:`Trial` (e.g. to log it).
+
+    ``history``: finished trials of an earlier, interrupted run of the same search (e.g. read back with
+    :func:`read_trial_log`). They are not run again: the proposer is replayed through them, so that with one
+    trial in flight the resumed search proposes exactly the trials the uninterrupted one would have (a
+    recorded point that differs from the replayed proposal raises ``ValueError``: another seed, domain or
+    method). With several in flight the recorded points are kept as they are.
     """
     if method not in ("grid", "random", "biased"):
         raise ValueError(f"Unknown search method {method!r}: use 'grid', 'random' or 'biased'.")
@@ -294,6 +412,7 @@ def run_search(
         max_in_flight = max_in_flight or workers
     elif max_in_flight is None:
         max_in_flight = 1 if isinstance(executor, SerialExecutor) else (os.cpu_count() or 1)
+    recorded = {t.index: t for t in history}
     trials: list[Trial | None] = [None] * n_trials
     finished: list[Trial] = []
     pending: dict[Future, Trial] = {}
@@ -302,9 +421,20 @@ def run_search(
         while next_index < n_trials or pending:
             while next_index < n_trials and len(pending) < max_in_flight:
                 params, draws = proposer(next_index, finished)
+                if next_index in recorded:
+                    old = recorded[next_index]
+                    if max_in_flight == 1 and not _same_point(old.params, params):
+                        raise ValueError(f"recorded trial {next_index} {old.params} is not the point this search "
+                                         f"proposes ({params}): not the same search (seed, domain, method)")
+                    trials[next_index] = old
+                    finished.append(old)
+                    next_index += 1
+                    continue
                 trial = Trial(index=next_index, params=params, cost=math.nan, draws=draws)
                 pending[executor.submit(_call_objective, objective, params)] = trial
                 next_index += 1
+            if not pending:
+                continue
             done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
             for future in sorted(done, key=lambda f: pending[f].index):
                 trial = pending.pop(future)
@@ -321,6 +451,60 @@ def run_search(
         if own_pool:
             executor.shutdown(cancel_futures=True)
     return SearchResult(method=method, domain=domain, trials=[t for t in trials if t is not None])
+
+
+# ----------------------------------------------------------------------------- a trials file, written as it goes
+def _trial_record(trial: Trial) -> dict:
+    record = {"type": "trial", **asdict(trial)}
+    record["cost"] = trial.cost if math.isfinite(trial.cost) else None
+    return record
+
+
+def start_trial_log(path: str | Path, header: dict) -> list[Trial]:
+    """Open the trials file of a search: create it with ``header`` (a ``search`` record) or, when it exists,
+    check that its header equals ``header`` and return its finished trials (to pass as ``history``)."""
+    path = Path(path)
+    header = {"type": "search", **header}
+    if path.exists() and path.stat().st_size:
+        old_header, trials = read_trial_log(path)
+        if json.loads(json.dumps(header)) != old_header:
+            raise ValueError(f"{path} belongs to another search: {old_header} != {header}")
+        tmp = path.with_suffix(".partial")  # rewritten without a half-written last line, if a kill left one
+        with open(tmp, "w") as handle:
+            handle.write(json.dumps(old_header) + "\n")
+            handle.writelines(json.dumps(_trial_record(t)) + "\n" for t in trials)
+        os.replace(tmp, path)
+        return trials
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        handle.write(json.dumps(header) + "\n")
+    return []
+
+
+def append_trial(path: str | Path, trial: Trial) -> None:
+    """Append one finished trial to a trials file and flush it to disk."""
+    with open(path, "a") as handle:
+        handle.write(json.dumps(_trial_record(trial)) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_trial_log(path: str | Path) -> tuple[dict, list[Trial]]:
+    """The header and the trials of a trials file (a half-written last line, from a kill, is ignored)."""
+    header, trials = None, []
+    with open(path) as handle:
+        for line in handle:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                break
+            if record.get("type") == "search":
+                header = record
+            elif record.get("type") == "trial":
+                cost = math.inf if record["cost"] is None else record["cost"]
+                trials.append(Trial(record["index"], record["params"], cost, record["status"], record.get("info", {}),
+                                    record.get("draws", 1)))
+    return header, trials
 
 
 def grid_search(objective, domain: Domain, n_trials: int, **kwargs) -> SearchResult:

@@ -326,3 +326,80 @@ def test_chapter6_divergence_is_read_from_the_optimizers_flag_at_evaluation(tmp_
     assert result.status == "diverged" and result.updates == 10
     assert result.records[-1]["divergence"].startswith(f"DivergenceError: {type(state.optimizer).__name__}")
     assert all(bool(torch.isfinite(p).all()) for p in state.model.parameters())  # the bad update was skipped
+
+
+# ----------------------------------------------------------------------------- the race's methods and budgets (issue 12)
+def test_min_updates_carries_a_run_past_its_time_budget(tmp_path):
+    result = run(small("sgd", max_seconds=1e-4, min_updates=30, eval_every=10), tmp_path)
+    assert result.status == "completed" and result.updates == 30 and result.seconds > 1e-4
+
+
+def test_kfac_thesis_protocol_and_kfac_search_domain():
+    import inspect
+
+    from fso_lib.bench.methods import RACE_METHODS
+    from fso_lib.optim import KFAC
+
+    method = get_method("kfac_thesis")
+    built = method.build(make_task("small_autoencoder", sample=True).build_model(seed=0), method.hyperparameters())
+    opt = built.optimizer
+    assert isinstance(opt, KFAC) and (opt.statistics_period, opt.inverse_period, opt.running_average) == (100, 100, 0.0)
+    assert method.uses_statistics and set(RACE_METHODS) <= set(__import__("fso_lib.bench", fromlist=["METHODS"]).METHODS)
+    accepted = set(inspect.signature(KFAC.__init__).parameters)
+    for name in ("kfac", "kfac_thesis"):
+        names = set(get_method(name).domain.names)
+        assert {"lr", "damping", "momentum", "init_scale"} <= names
+        for option in ("kl_clip", "damping_adaptation", "step_rule"):  # Martens & Grosse's options, where KFAC has them
+            assert (option in names) == (option in accepted)
+
+
+def test_a_fixed_alpha_is_absorbed_by_the_learning_rate_and_the_damping():
+    """ACP with a fixed α: the update is (η/α)·g(C + (ε/α)I)⁻¹, so (η, ε, α) and (η/α, ε/α, 1) train alike;
+    the race searches η and ε with α = 1 (``acp_fixed_alpha``) instead of a redundant α."""
+    from fso_lib.optim import make_optimizer
+
+    torch.manual_seed(0)
+    x = torch.rand(64, 12, dtype=torch.float64)
+
+    def train(lr, damping, alpha):
+        torch.manual_seed(1)
+        net = torch.nn.Sequential(torch.nn.Linear(12, 5), torch.nn.Sigmoid(), torch.nn.Linear(5, 12)).double()
+        opt = make_optimizer("acp", net, lr=lr, damping=damping, alpha=alpha, amortization_period=2)
+        for _ in range(5):
+            if opt.needs_statistics():
+                opt.update_statistics(x[32:])
+            opt.zero_grad()
+            squared_error(net(x[:32]), x[:32]).backward()
+            opt.step()
+        return torch.cat([p.detach().flatten() for p in net.parameters()])
+
+    start = train(0.0, 0.3, 4.0)
+    scaled, unit, lr_only = train(0.2, 0.3, 4.0), train(0.05, 0.075, 1.0), train(0.05, 0.3, 1.0)
+    torch.testing.assert_close(scaled, unit, rtol=1e-10, atol=1e-12)
+    assert (scaled - start).abs().max() > 1e-2  # it trained
+    assert (lr_only - scaled).abs().max() > 1e-4  # and the damping must be scaled too
+
+
+def test_table41_thesis_build_resumes_where_it_stopped(tmp_path, monkeypatch):
+    from fso_lib.bench import table41
+    from fso_lib.search import SerialExecutor
+
+    calls = []
+
+    def fake_trial(params, sample=False, sizes=(), **kwargs):
+        calls.append(params)
+        return math.log10(params["lr"]) ** 2 + params["init_scale"] + len(sizes)
+
+    monkeypatch.setattr(table41, "sgd_trial", fake_trial)
+    whole = table41.build_table_resumable(3, tmp_path / "whole", executor=SerialExecutor(), echo=lambda *a: None)
+    assert len(calls) == 9 and len(whole["costs"]) == 3 and whole["sizes"] == list(table41.THESIS_SIZES)
+    lines = (tmp_path / "whole" / "trials.jsonl").read_text().splitlines()
+    (tmp_path / "killed").mkdir()
+    (tmp_path / "killed" / "trials.jsonl").write_text("\n".join(lines[:5]) + "\n" + lines[5][:20])  # 4 nodes + a torn line
+    calls.clear()
+    resumed = table41.build_table_resumable(3, tmp_path / "killed", executor=SerialExecutor(), echo=lambda *a: None)
+    assert len(calls) == 5 and resumed["costs"] == whole["costs"]
+    assert len((tmp_path / "killed" / "trials.jsonl").read_text().splitlines()) == 10  # header + 9 whole lines
+    assert table41.TableObjective(resumed)({"lr": 1e-3 * 1.01, "init_scale": 0.26}) == whole["costs"][0][0]
+    with pytest.raises(SystemExit, match="another table"):
+        table41.build_table_resumable(4, tmp_path / "killed", executor=SerialExecutor(), echo=lambda *a: None)

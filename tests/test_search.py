@@ -1,4 +1,5 @@
 """Grid, random and biased random search (thesis §2.3, §4.1, Algorithm 1)."""
+import json
 import math
 from concurrent.futures import ThreadPoolExecutor
 
@@ -135,3 +136,83 @@ def test_c_max_quantile_ignores_outliers():
                                                          executor=SerialExecutor()).costs()[30:]) for k in range(8)])
 
     assert late_median(0.5) < 0.5 * late_median(1.0)
+
+
+# ----------------------------------------------------------------------------- choices, optional values, narrowing, resuming
+from fso_lib.search import Choice, append_trial, narrow, read_trial_log, start_trial_log  # noqa: E402
+
+MIXED = Domain([Param("lr", 1e-4, 1.0, log=True), Param("clip", 1e-3, 1.0, log=True, none_fraction=0.5),
+                Choice("mode", ["fixed", "adaptive"]), Param("scale", 0.0, 2.0)])
+
+
+def test_choices_and_optional_values_map_to_and_from_the_unit_interval():
+    clip, mode = MIXED.params[1], MIXED.params[2]
+    assert clip.from_unit(0.3) is None and clip.from_unit(0.5) == pytest.approx(1e-3)
+    assert clip.from_unit(1.0) == pytest.approx(1.0) and clip.from_unit(0.75) == pytest.approx(10 ** -1.5)
+    assert clip.to_unit(None) == 0.25 and clip.to_unit(10 ** -1.5) == pytest.approx(0.75)
+    assert [mode.from_unit(u) for u in (0.0, 0.49, 0.51, 1.0)] == ["fixed", "fixed", "adaptive", "adaptive"]
+    assert mode.to_unit("adaptive") == 0.75
+    draws = [MIXED.sample(np.random.default_rng(k)) for k in range(400)]
+    assert 0.4 < np.mean([d["clip"] is None for d in draws]) < 0.6
+    assert {d["mode"] for d in draws} == {"fixed", "adaptive"} and all(MIXED.contains(d) for d in draws)
+    assert Domain.from_json(json.loads(json.dumps(MIXED.to_json()))) == MIXED
+    with pytest.raises(ValueError):
+        Param("lr", 1e-4, 1.0).to_unit(None)  # not optional
+
+
+@pytest.mark.parametrize("best", [
+    {"lr": 0.5, "clip": None, "mode": "adaptive", "scale": 0.1},  # near the top / bottom edges, clipping off
+    {"lr": 1e-2, "clip": 0.02, "mode": "fixed", "scale": 1.0},
+])
+def test_narrowed_domain_is_inside_the_first_and_around_its_best(best):
+    small = narrow(MIXED, best, width=0.25)
+    assert small.names == MIXED.names and small.contains(best)
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        point = small.sample(rng)
+        assert MIXED.contains(point)
+        assert point["mode"] == best["mode"] and (point["clip"] is None) == (best["clip"] is None)
+        for p in (MIXED.params[0], MIXED.params[3]):  # a quarter of each continuous unit range
+            assert abs(p.to_unit(point[p.name]) - p.to_unit(best[p.name])) <= 0.25 + 1e-9
+    lr_small, lr_big = small.params[0], MIXED.params[0]
+    assert lr_small.to_unit(lr_small.high) - lr_small.to_unit(lr_small.low) == pytest.approx(1.0)  # its own unit
+    assert lr_big.to_unit(lr_small.high) - lr_big.to_unit(lr_small.low) == pytest.approx(0.25)
+
+
+def test_a_search_resumed_from_its_trials_file_proposes_the_uninterrupted_trials(tmp_path):
+    whole = biased_random_search(bowl, MIXED_FREE, 12, seed=4, executor=SerialExecutor())
+    log = tmp_path / "trials.jsonl"
+    assert start_trial_log(log, {"seed": 4}) == []
+
+    class Killed(Exception):
+        pass
+
+    def record(trial):
+        append_trial(log, trial)
+        if trial.index == 4:
+            raise Killed  # as if the process died after 5 trials
+
+    with pytest.raises(Killed):
+        biased_random_search(bowl, MIXED_FREE, 12, seed=4, executor=SerialExecutor(), on_trial=record)
+    calls = []
+
+    def counting(params):
+        calls.append(params)
+        return bowl(params)
+
+    with open(log, "a") as handle:
+        handle.write('{"type": "trial", "ind')  # the kill tore the line being written
+    history = start_trial_log(log, {"seed": 4})
+    assert len(history) == 5
+    resumed = biased_random_search(counting, MIXED_FREE, 12, seed=4, executor=SerialExecutor(), history=history,
+                                   on_trial=lambda t: append_trial(log, t))
+    assert len(calls) == 7  # the 5 recorded trials are not run again
+    assert [t.params for t in resumed.trials] == [t.params for t in whole.trials]
+    assert [t.cost for t in read_trial_log(log)[1]] == pytest.approx(whole.costs().tolist())  # the torn line is gone
+    with pytest.raises(ValueError, match="another search"):
+        start_trial_log(log, {"seed": 5})
+    with pytest.raises(ValueError, match="not the point"):
+        biased_random_search(bowl, MIXED_FREE, 12, seed=5, executor=SerialExecutor(), history=history)
+
+
+MIXED_FREE = Domain([Param("lr", 1e-4, 1.0, log=True), Param("scale", 0.0, 2.0), Choice("mode", ["a", "b"])])

@@ -6,6 +6,7 @@ Examples::
     python -m fso_lib.bench --method kfac --hp-json data/results/tuned.json --updates 300000 --device cuda
     python -m fso_lib.bench --method adam --seconds 600 --out data/results/cpu --resume   # after a kill
     python -m fso_lib.bench --list
+    python -m fso_lib.bench race --plan        # the equal-budget race (fso_lib.bench.race): budget, then run
 """
 from __future__ import annotations
 
@@ -81,6 +82,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["race"]:
+        from .race import main as race_main
+
+        return race_main(argv[1:])
     args = parser().parse_args(argv)
     if args.list:
         print("tasks:", ", ".join(TASKS))

@@ -5,10 +5,20 @@ and how to build an optimizer for a model. SGD, SGD with momentum and Adam come 
 chapter-6 methods (centering, batch norm, ACP, K-FAC, natural neural networks) come from ``fso_lib.optim``
 (imported plainly) through its factory ``make_optimizer(name, model, **hyperparameters)``; this module never re-implements them.
 
-Every method may also tune the initialization scale (``init_scale``), as the thesis does (§2.3, §4.1).
+Every method also tunes the initialization scale (``init_scale``), as the thesis does (§2.3, §4.1).
+
+Search domains (:data:`DOMAINS`): each method's important knobs, log-uniform for step sizes, damping and
+Adam's ε; momentum (uniform in [0.5, 0.99]) for the methods that use it by default (SGD + momentum,
+K-FAC); for K-FAC also the options of Martens & Grosse (2015): ``kl_clip`` (off, or log-uniform),
+``damping_adaptation`` and ``step_rule`` when :class:`fso_lib.optim.KFAC` accepts them. ACP's α mode is
+covered by the two methods ``acp`` (heuristic α) and ``acp_fixed_alpha`` (α = 1): for a fixed α the update
+depends on (η/α, ε/α) only, so searching η and ε with α = 1 covers every fixed α (checked in
+``tests/test_bench.py``). ``kfac_thesis`` is K-FAC with the thesis's protocol: statistics and inverses
+every 100 updates from a separate minibatch of the run's size (200), no running average.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -16,9 +26,10 @@ import torch
 from torch import nn
 
 from .. import optim as fso_optim
-from ..search import Domain, Param
+from ..search import Choice, Domain, Param
 
 INIT_SCALE = Param("init_scale", 0.25, 4.0, log=True)
+MOMENTUM = Param("momentum", 0.5, 0.99)
 
 
 @dataclass
@@ -72,17 +83,17 @@ def _torch(factory):
 
 register_method(Method(
     "sgd", "SGD", {"lr": 0.01},
-    Domain([Param("lr", 1e-4, 1.0, log=True), INIT_SCALE]),
+    Domain([Param("lr", 1e-3, 1.0, log=True), INIT_SCALE]),
     _torch(lambda params, hp: torch.optim.SGD(params, lr=hp["lr"])),
 ))
 register_method(Method(
     "sgd_momentum", "SGD + momentum", {"lr": 0.003, "momentum": 0.9},
-    Domain([Param("lr", 1e-5, 0.3, log=True), Param("momentum", 0.5, 0.99), INIT_SCALE]),
+    Domain([Param("lr", 1e-4, 0.3, log=True), MOMENTUM, INIT_SCALE]),
     _torch(lambda params, hp: torch.optim.SGD(params, lr=hp["lr"], momentum=hp["momentum"])),
 ))
 register_method(Method(
     "adam", "Adam", {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8},
-    Domain([Param("lr", 1e-5, 1e-1, log=True), INIT_SCALE]),
+    Domain([Param("lr", 1e-5, 1e-1, log=True), Param("eps", 1e-8, 1e-1, log=True), INIT_SCALE]),
     _torch(lambda params, hp: torch.optim.Adam(params, lr=hp["lr"], betas=(hp["beta1"], hp["beta2"]), eps=hp["eps"])),
 ))
 
@@ -97,6 +108,10 @@ CHAPTER6_METHODS = {
     "natural_nn": "natural neural network",
 }
 
+#: Every method of the race: the thesis's eight, Adam, SGD + momentum, and the thesis-protocol K-FAC.
+RACE_METHODS = ("sgd", "sgd_momentum", "adam", "centered_gd", "mean_only_batchnorm", "batchnorm", "acp",
+                "acp_fixed_alpha", "kfac", "kfac_thesis", "natural_nn")
+
 
 def _chapter6_build(name: str):
     def build(model: nn.Module, hp: dict) -> Built:
@@ -109,21 +124,57 @@ def _chapter6_build(name: str):
     return build
 
 
-#: Search domains of the chapter-6 methods' extra hyperparameters (all log-uniform).
-CHAPTER6_DOMAINS = {
-    "damping": Param("damping", 1e-4, 1.0, log=True),
-}
+def kfac_options() -> set[str]:
+    """The keyword arguments :class:`fso_lib.optim.KFAC` accepts (its options differ between versions)."""
+    return set(inspect.signature(fso_optim.KFAC.__init__).parameters) - {"self", "model"}
+
+
+def _kfac_domain() -> list:
+    """K-FAC's knobs: η, ε, μ, and Martens & Grosse's options where the optimizer has them."""
+    params = [Param("lr", 1e-3, 1.0, log=True), Param("damping", 1e-3, 10.0, log=True), MOMENTUM]
+    options = kfac_options()
+    if "kl_clip" in options:
+        params.append(Param("kl_clip", 1e-4, 1.0, log=True, none_fraction=0.5))
+    if "damping_adaptation" in options:
+        params.append(Choice("damping_adaptation", [False, True]))
+    if "step_rule" in options:
+        params.append(Choice("step_rule", ["fixed", "quadratic_model"]))
+    return params
+
+
+def chapter6_domains() -> dict[str, list]:
+    """The search domain of every chapter-6 method, without ``init_scale`` (added to all)."""
+    lr = Param("lr", 1e-3, 3.0, log=True)
+    return {
+        "centered_gd": [lr],
+        "mean_only_batchnorm": [lr],
+        "batchnorm": [lr],
+        "acp": [lr, Param("damping", 1e-3, 10.0, log=True)],
+        "acp_fixed_alpha": [lr, Param("damping", 1e-3, 10.0, log=True)],
+        "kfac": _kfac_domain(),
+        "kfac_thesis": _kfac_domain(),
+        "natural_nn": [Param("lr", 1e-3, 1.0, log=True), Param("damping", 1e-3, 1.0, log=True)],
+    }
+
+
+#: The thesis's K-FAC protocol (§6.5.1, §6.6): statistics and inverses every 100 updates, no running average.
+KFAC_THESIS_PROTOCOL = {"statistics_period": 100, "inverse_period": 100, "running_average": 0.0}
 
 
 def register_chapter6_methods() -> None:
-    """(Re-)register the chapter-6 methods with the defaults that ``fso_lib.optim.OPTIMIZERS`` publishes."""
-    for name, label in CHAPTER6_METHODS.items():
-        spec = fso_optim.OPTIMIZERS[name]
-        defaults = dict(spec.defaults)
-        optional = tuple(k for k in spec.hyperparameters if k not in defaults)
-        params = [Param("lr", 1e-5, 1.0, log=True)]
-        params += [CHAPTER6_DOMAINS[k] for k in CHAPTER6_DOMAINS if k in defaults]
-        register_method(Method(name, label, defaults, Domain([*params, INIT_SCALE]), _chapter6_build(name),
+    """(Re-)register the chapter-6 methods with the defaults that ``fso_lib.optim.OPTIMIZERS`` publishes,
+    and ``kfac_thesis`` (K-FAC with :data:`KFAC_THESIS_PROTOCOL`)."""
+    domains = chapter6_domains()
+    entries = [(name, name, label, {}) for name, label in CHAPTER6_METHODS.items()]
+    entries.append(("kfac_thesis", "kfac", "K-FAC, thesis protocol", KFAC_THESIS_PROTOCOL))
+    for name, optimizer, label, fixed in entries:
+        spec = fso_optim.OPTIMIZERS[optimizer]
+        defaults = {**spec.defaults, **fixed}
+        domain = domains[name]
+        searched = {p.name for p in domain}
+        extra = kfac_options() if optimizer == "kfac" else set()
+        optional = tuple(sorted((set(spec.hyperparameters) | searched | extra) - set(defaults) - {"check_every"}))
+        register_method(Method(name, label, defaults, Domain([*domain, INIT_SCALE]), _chapter6_build(optimizer),
                                source="fso_lib.optim",
                                optional=optional, uses_statistics=bool(spec.uses_statistics)))
 

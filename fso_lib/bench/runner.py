@@ -40,7 +40,7 @@ from .methods import get_method
 from .tasks import make_task
 
 #: Fields of the configuration that may change when a run is resumed (its budget and its display).
-RESUMABLE_CHANGES = {"max_updates", "max_seconds", "progress", "note"}
+RESUMABLE_CHANGES = {"max_updates", "max_seconds", "min_updates", "progress", "note"}
 
 
 @dataclass
@@ -55,6 +55,7 @@ class RunConfig:
     batch_size: int = 200
     max_updates: int | None = None
     max_seconds: float | None = None  # training time (evaluations excluded)
+    min_updates: int | None = None  # with max_seconds: go on past the time budget until this many updates
     eval_every: int = 1000  # updates between evaluations (an upper bound with eval_schedule="log")
     eval_schedule: str = "log"  # "log": also at updates 10, 13, 17, ... (×1.3) below eval_every; "linear"
     train_eval_size: int = 10_000  # size of the fixed training subset the train loss is measured on
@@ -448,8 +449,10 @@ class Run:
     # -- training --------------------------------------------------------------------------------
     def budget_spent(self, seconds: float) -> bool:
         config = self.config
-        return (config.max_updates is not None and self.update >= config.max_updates) or (
-            config.max_seconds is not None and seconds >= config.max_seconds)
+        if config.max_updates is not None and self.update >= config.max_updates:
+            return True
+        return (config.max_seconds is not None and seconds >= config.max_seconds
+                and (config.min_updates is None or self.update >= config.min_updates))
 
     def train_steps(self, until_update: int) -> None:
         """Updates until ``until_update`` or the budget, then stop the clock (after the device finished)."""

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..search import SerialExecutor, run_search
 from .methods import get_method
-from .runner import RunConfig, run
+from .runner import RunConfig, run, run_paths
 
 
 @dataclass
@@ -41,6 +41,10 @@ class RunObjective:
     threads: int | None = 1
     eval_every: int = 10**9  # evaluate only at the start and at the end: tuning needs the final loss
     ranges: dict = field(default_factory=dict)  # name -> (low, high): narrows the method's declared domain
+    resume: bool = False  # continue a killed trial from its last evaluation's checkpoint
+    keep_checkpoint: bool = True  # False: delete the trial's checkpoint once it has finished
+    batch_size: int = 200
+    train_eval_size: int = 10_000
 
     def __call__(self, params: dict) -> dict:
         import torch
@@ -54,8 +58,11 @@ class RunObjective:
         config = RunConfig(task=self.task, method=self.method, hyperparameters=params, init=init,
                            init_scale=init_scale, max_updates=self.max_updates, max_seconds=self.max_seconds,
                            eval_every=self.eval_every, eval_schedule="linear", seed=self.seed, sample=self.sample,
-                           name=f"{self.task}-{self.method}-{key}", progress=False)
-        result = run(config, self.out_dir)
+                           name=f"{self.task}-{self.method}-{key}", progress=False, batch_size=self.batch_size,
+                           train_eval_size=self.train_eval_size)
+        result = run(config, self.out_dir, resume=self.resume)
+        if not self.keep_checkpoint:
+            run_paths(self.out_dir, config.run_name)[1].unlink(missing_ok=True)
         cost = result.train_loss if result.status == "completed" else math.inf
         return {"cost": cost, "status": result.status, "updates": result.updates, "file": str(result.results_path)}
 
@@ -71,6 +78,9 @@ def tune(objective: RunObjective, n_trials: int, executor: Executor | None = Non
     unknown = set(objective.ranges) - set(domain.names)
     if unknown:
         raise ValueError(f"--range names {sorted(unknown)} are not searched for {objective.method}: {domain.names}")
+    choices = [p.name for p in domain.params if p.name in objective.ranges and not hasattr(p, "low")]
+    if choices:
+        raise ValueError(f"--range cannot narrow the choices {choices}; hold them with --fix instead")
     domain = Domain([replace(p, low=objective.ranges[p.name][0], high=objective.ranges[p.name][1])
                      if p.name in objective.ranges else p
                      for p in domain.params if p.name not in objective.fixed])
@@ -120,7 +130,7 @@ def main(argv=None) -> int:
                              True if args.sample else None, args.threads, ranges=ranges)
 
     def report(trial):
-        shown = ", ".join(f"{k}={v:.3g}" for k, v in trial.params.items())
+        shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
         print(f"trial {trial.index:3d} [{trial.status}] {shown} -> {trial.cost:.4g}", file=sys.stderr, flush=True)
 
     executor = SerialExecutor() if args.workers == 0 else ProcessPoolExecutor(args.workers)

@@ -1,0 +1,158 @@
+"""The equal-budget race (fso_lib.bench.race; thesis §4.1, §6.6, issue 12): same trials and horizon for every
+method, the narrowed second round, resuming after a kill, distinct seeds, the seed summary, the budget."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from fso_lib.bench.race import (Interrupted, RaceConfig, final_summary, plan, read_trial_log, run_race,
+                                search_file, seed_summary, tune_method)
+from fso_lib.bench.runner import read_records
+from fso_lib.search import Domain, narrow
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(out, **kwargs):
+    defaults = dict(out=str(out), task="small_autoencoder", methods=("sgd", "adam", "kfac"), rounds=(3, 2),
+                    horizon=6, final_seeds=(1, 2), final_seconds=0.05, final_min_updates=12, workers=0, threads=1,
+                    batch_size=100, trial_eval_every=3, final_eval_every=4, train_eval_size=200, sample=True)
+    defaults.update(kwargs)
+    return RaceConfig(**defaults)
+
+
+@pytest.fixture(scope="module")
+def race(tmp_path_factory):
+    config = tiny(tmp_path_factory.mktemp("race"))
+    tuned = run_race(config, echo=lambda *a: None)
+    return config, tuned
+
+
+def trial_runs(path):
+    return [read_records(t.info["file"]) for t in read_trial_log(path)[1]]
+
+
+def test_every_method_gets_the_same_trials_horizon_and_data_seed(race):
+    config, tuned = race
+    for method in config.methods:
+        for round_index, n_trials in enumerate(config.rounds):
+            header, trials = read_trial_log(search_file(config, method, round_index))
+            assert len(trials) == n_trials and header["horizon_updates"] == 6 and header["data_seed"] == 0
+            for records in trial_runs(search_file(config, method, round_index)):
+                assert records[0]["config"]["max_updates"] == 6 and records[0]["config"]["seed"] == 0
+                assert records[0]["init"] == "sparse" and records[-1]["type"] == "end"
+                assert records[-1]["status"] == "diverged" or records[-1]["update"] == 6
+        best = tuned["_provenance"]["small_autoencoder"][method]
+        assert best["trials"] == 5 and best["horizon_updates"] == 6
+    assert sorted(tuned["small_autoencoder"]) == sorted(config.methods)
+
+
+def test_the_second_round_searches_inside_the_first_domain_around_its_best(race):
+    config, tuned = race
+    for method in config.methods:
+        first_header, first = read_trial_log(search_file(config, method, 0))
+        second_header, second = read_trial_log(search_file(config, method, 1))
+        first_domain, second_domain = Domain.from_json(first_header["domain"]), Domain.from_json(second_header["domain"])
+        best = min((t for t in first if t.finite), key=lambda t: t.cost)
+        assert second_domain == narrow(first_domain, best.params, config.narrow_width)
+        assert second_domain.contains(best.params)
+        assert all(second_domain.contains(t.params) and first_domain.contains(t.params) for t in second)
+        overall = min((t for t in first + second if t.finite), key=lambda t: t.cost)  # the final runs' settings
+        assert tuned["small_autoencoder"][method] == {"init": "sparse", **overall.params}
+
+
+def test_a_killed_tuning_resumes_with_the_uninterrupted_trials(tmp_path):
+    whole = tiny(tmp_path / "whole", methods=("kfac",))
+    tune_method(whole, "kfac")
+    killed = tiny(tmp_path / "killed", methods=("kfac",))
+    (tmp_path / "killed").mkdir()
+    with pytest.raises(Interrupted):
+        tune_method(killed, "kfac", stop_after=4)  # round 1 done, round 2 stopped after its first trial
+    assert len(read_trial_log(search_file(killed, "kfac", 1))[1]) == 1
+    tune_method(killed, "kfac")
+    for round_index in (0, 1):
+        a = read_trial_log(search_file(whole, "kfac", round_index))
+        b = read_trial_log(search_file(killed, "kfac", round_index))
+        assert a[0] == b[0]  # same header: domain, seeds, horizon
+        assert [(t.params, t.cost, t.status) for t in a[1]] == [(t.params, t.cost, t.status) for t in b[1]]
+
+
+def test_final_runs_use_distinct_seeds_other_than_the_tuning_seed(race):
+    config, tuned = race
+    for method in config.methods:
+        headers, curves = [], []
+        for seed in config.final_seeds:
+            records = read_records(f"{config.out}/small_autoencoder-{method}-seed{seed}.jsonl")
+            headers.append(records[0])
+            curves.append([r["train_loss"] for r in records if r["type"] == "eval"][:3])
+            assert records[-1]["type"] == "end" and records[-1]["update"] >= 12  # min_updates beyond the time budget
+            assert "1 torch thread" in records[0]["config"]["note"]
+        assert [h["config"]["seed"] for h in headers] == [1, 2]
+        assert headers[0]["hyperparameters"] == headers[1]["hyperparameters"]
+        assert curves[0][0] != curves[1][0]  # another initialization ...
+        assert curves[0][1:] != curves[1][1:]  # ... and another data order
+
+
+def test_a_second_invocation_skips_what_is_finished(race):
+    config, _ = race
+    sizes = {p: p.stat().st_size for p in Path(config.out).rglob("*.jsonl") if p.name != "race_log.jsonl"}
+    run_race(config, echo=lambda *a: None)
+    assert {p: p.stat().st_size for p in sizes} == sizes
+    with pytest.raises(SystemExit, match="another race"):
+        run_race(tiny(config.out, horizon=7), echo=lambda *a: None)
+
+
+def _write_run(path, seed, points, status="completed"):
+    records = [{"type": "header", "config": {"method": "sgd", "task": "autoencoder", "seed": seed}, "device": "cpu"}]
+    records += [{"type": "eval", "update": u, "time_s": t, "train_loss": loss, "test_loss": loss} for u, t, loss in points]
+    records.append({"type": "end", "status": status, "update": points[-1][0], "time_s": points[-1][1]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_three_seed_summary_is_the_median_and_range_of_the_seeds(tmp_path):
+    config = RaceConfig(out=str(tmp_path), methods=("sgd",), final_seeds=(1, 2, 3))
+    _write_run(tmp_path / "autoencoder-sgd-seed1.jsonl", 1, [(0, 0, 90.0), (2000, 50, 7.0), (10000, 250, 4.0)])
+    _write_run(tmp_path / "autoencoder-sgd-seed2.jsonl", 2, [(0, 0, 90.0), (1000, 30, 8.0), (2500, 75, 5.0), (10000, 300, 3.5)])
+    _write_run(tmp_path / "autoencoder-sgd-seed3.jsonl", 3, [(0, 0, 90.0), (2000, 60, 9.5)], status="diverged")
+    summary = final_summary(config, at_updates=(1000, 2000, 10_000), at_seconds=(40, 400))
+    row = summary["sgd"]
+    assert row["seeds"] == 3
+    # at 2,000 updates: 7.0, 8.0 (its last evaluation at or before 2,000) and inf (seed 3 stopped there,
+    # diverged) -> median 8.0
+    assert row["2000 updates"] == {"median": 8.0, "min": 7.0, "max": math.inf, "n": 3}
+    assert row["1000 updates"] == {"median": 90.0, "min": 8.0, "max": 90.0, "n": 3}  # before seed 3 diverged
+    # at 10,000 updates: 4.0, 3.5 and inf -> median 4.0
+    assert row["10000 updates"] == {"median": 4.0, "min": 3.5, "max": math.inf, "n": 3}
+    # at 40 s: seed 1's evaluation at 0 s -> 90.0; seed 2 at 30 s -> 8.0; seed 3 at 0 s -> 90.0
+    assert row["40 s"] == {"median": 90.0, "min": 8.0, "max": 90.0, "n": 3}
+    assert "400 s" not in row  # no run trained that long
+    assert seed_summary([3.0, 1.0, 2.0, 10.0]) == {"median": 2.5, "min": 1.0, "max": 10.0, "n": 4}
+
+
+def test_plan_arithmetic(tmp_path):
+    speed = {"results": {"sgd": {"amortized_ms": 10.0, "breakdown_ms": {"forward": 4.0, "statistics": 0.0}}}}
+    (tmp_path / "speed.json").write_text(json.dumps(speed))
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "autoencoder-sgd-seed0.jsonl").write_text(
+        json.dumps({"type": "header", "config": {"method": "sgd"}}) + "\n" + json.dumps({"type": "end", "ms_per_update": 25.0}) + "\n")
+    config = RaceConfig(methods=("sgd",), rounds=(2, 1), horizon=100, trial_eval_every=50, final_seeds=(1, 2),
+                        final_seconds=100.0, final_min_updates=1000, train_eval_size=1000, batch_size=200)
+    p = plan(config, tmp_path / "speed.json", old)
+    assert p["slowdown"] == 2.5  # 25 ms in the old race / 10 ms in the speed file
+    eval_s = 4.0 * 2.5 * (1000 + 10_000) / 200 / 1e3  # forward of SGD over the evaluation images
+    assert p["eval_s"] == pytest.approx(eval_s)
+    row = p["methods"]["sgd"]
+    assert row["ms_per_update"] == 25.0
+    assert row["trial_s"] == pytest.approx(100 * 0.025 + 3 * eval_s)  # evaluations at 0, 50, 100
+    assert row["tuning_h"] == pytest.approx(3 * row["trial_s"] / 3600)
+    assert row["final_s"] > 100.0  # 4,000 updates in 100 s > 1,000: the time budget decides, plus evaluations
+    assert p["machine_hours"] == pytest.approx((row["tuning_h"] + row["finals_h"]) / 2)
