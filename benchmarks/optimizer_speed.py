@@ -66,6 +66,12 @@ CONFIGS = {
     "natural_nn": ("natural_nn", dict(lr=0.01, amortization_period=100)),
     "natural_nn_implicit": ("natural_nn_implicit", dict(lr=0.01, amortization_period=100)),
     "acp_dense_inverse": ("acp", dict(lr=0.01, amortization_period=100, inverse_form="dense")),
+    # Martens & Grosse's §7 step (α, μ from the exact-Fisher model; lr unused), F from all 200 / the first 50 examples
+    "kfac_quadratic_model": ("kfac", dict(statistics_period=10, inverse_period=100, step_rule="quadratic_model")),
+    "kfac_quadratic_model_50": ("kfac", dict(statistics_period=10, inverse_period=100, step_rule="quadratic_model",
+                                             quadratic_model_examples=50)),
+    # fso_lib.optim.kfac.KFAC_THESIS_PROTOCOL: statistics and inverses every 100 updates, no running average
+    "kfac_thesis_protocol": ("kfac", dict(lr=0.01, statistics_period=100, inverse_period=100, running_average=0.0)),
 }
 PHASES = ("forward", "backward", "precondition", "statistics", "inversion")
 

@@ -311,3 +311,16 @@ def test_model_change_is_the_quadratic_form_of_the_coefficients():
     c = torch.tensor([0.7, -0.3], **F64)
     assert float(model_change(c, gf, gi, b, damping=0.5)) == pytest.approx(
         float(0.5 * c @ (gf + 0.5 * gi) @ c + b @ c), rel=1e-14)
+
+
+def test_quadratic_model_on_part_of_the_minibatch_uses_the_fisher_of_those_examples():
+    model, reference, x, y = _problem(n=20)
+    opt = _kfac(model, damping_adaptation=True, damping_adaptation_period=1, quadratic_model_examples=6)
+    torch.manual_seed(0)
+    opt.update_statistics(x)
+    theta, loss_before, gradient, _ = _dense_model(model, reference, x, y)
+    part_fisher = fisher(model, reference, x[:6])
+    training_step(model, reference, opt, x, y)
+    delta = _flat(model, _parameters(model)) - theta
+    predicted = 0.5 * delta @ part_fisher @ delta + gradient @ delta  # gradient of the whole minibatch
+    assert float(opt.last_model_change) == pytest.approx(float(predicted), rel=1e-9)
