@@ -16,9 +16,12 @@ Conventions, stated once:
 """
 from __future__ import annotations
 
+import statistics
+import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
 
+import torch
 from torch import nn
 
 from .initialization import linear_layers
@@ -36,6 +39,10 @@ __all__ = [
     "cholesky_flops",
     "CurvatureCost",
     "curvature_costs",
+    "human_bytes",
+    "human_seconds",
+    "median_times",
+    "matmul_rate",
 ]
 
 #: Bytes of one float32 entry.
@@ -81,7 +88,7 @@ def hessian_vector_product_flops(sizes: LayerSizes, batch_size: int) -> int:
 
 
 def gauss_newton_vector_product_flops(sizes: LayerSizes, batch_size: int) -> int:
-    """``G v``: ``J v`` (forward pass with tangents, ``6nW``) then ``Jᵀ u`` (a forward and a backward pass):
+    """``G_GN v``: ``J v`` (forward pass with tangents, ``6nW``) then ``Jᵀ u`` (a forward and a backward pass):
     ``12nW − 2n n_0 n_1``, as torch's ``jvp`` + ``vjp`` compute it (:class:`fso_lib.matrix_free.CurvatureProducts`)."""
     return 6 * batch_size * weight_count(sizes) + gradient_flops(sizes, batch_size)
 
@@ -121,9 +128,9 @@ def curvature_costs(sizes: LayerSizes, batch_size: int) -> list[CurvatureCost]:
                       "one forward and one backward pass"),
         CurvatureCost("full Hessian H", "1 matrix P × P", n_params ** 2, n_params * hvp, cholesky_flops(n_params),
                       "P Hessian-vector products, one per column"),
-        CurvatureCost("Gauss-Newton G or Fisher F", "1 matrix P × P", n_params ** 2, n_params * gvp,
+        CurvatureCost("Gauss-Newton G_GN or Fisher F", "1 matrix P × P", n_params ** 2, n_params * gvp,
                       cholesky_flops(n_params), "P GN-vector products, one per column"),
-        CurvatureCost("block-diagonal G (one block per layer)", f"{k} blocks (n_in+1)·n_out squared",
+        CurvatureCost("block-diagonal G_GN (one block per layer)", f"{k} blocks (n_in+1)·n_out squared",
                       sum(b ** 2 for b in blocks), n_params * gvp, sum(cholesky_flops(b) for b in blocks),
                       "P GN-vector products: a column of one block still needs a full product"),
         CurvatureCost("K-FAC factors A and G per layer", f"{k} pairs (n_in+1)² and n_out²",
@@ -136,3 +143,44 @@ def curvature_costs(sizes: LayerSizes, batch_size: int) -> list[CurvatureCost]:
                       sum(cholesky_flops(n_in) for n_in, _ in sizes),
                       "outer products of the centred inputs, from the forward pass"),
     ]
+
+
+def human_bytes(n_bytes: float) -> str:
+    """``n_bytes`` with a decimal unit: ``'32.2 TB'``."""
+    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
+        if abs(n_bytes) < 1000 or unit == "PB":
+            return f"{n_bytes:.3g} {unit}"
+        n_bytes /= 1000
+    raise AssertionError("unreachable")
+
+
+def human_seconds(seconds: float) -> str:
+    """A duration in the largest unit that keeps it readable: ``'251 ms'``, ``'4.2 h'``, ``'3.1e+03 years'``."""
+    for unit, size in (("years", 365.25 * 86400), ("days", 86400), ("h", 3600), ("min", 60), ("s", 1)):
+        if seconds >= size:
+            value = seconds / size
+            return f"{value:.3g} {unit}" if value < 1e4 else f"{value:.2e} {unit}"
+    return f"{seconds * 1000:.3g} ms"
+
+
+def median_times(functions: Mapping[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median wall-clock seconds of each function, measured *interleaved* (one call of each per round), so that
+    a change in the machine's load touches every entry alike."""
+    for _ in range(warmup):
+        for function in functions.values():
+            function()
+    samples: dict[str, list[float]] = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, function in functions.items():
+            start = time.perf_counter()
+            function()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def matmul_rate(size: int = 1000, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """Measured FLOP/s of one ``size × size`` matrix product on the CPU (median of ``repeats``)."""
+    a = torch.randn(size, size, dtype=dtype)
+    b = torch.randn(size, size, dtype=dtype)
+    seconds = median_times({"matmul": lambda: a @ b}, repeats)["matmul"]
+    return 2 * size ** 3 / seconds

@@ -9,7 +9,7 @@ times: its products cost exactly the differentiation they need, nothing else.
 * ``gradient()``: ``∇_θ R``, one forward and one backward pass.
 * ``hessian_vector_product(v)``: ``H v`` by forward-mode differentiation of the gradient
   (Pearlmutter 1994): the gradient computation carried along the direction ``v``.
-* ``gauss_newton_vector_product(v)``: ``G v = (1/n) Σ_i J_iᵀ (∂²l/∂f²)_i (J_i v)``: ``J v`` by one
+* ``gauss_newton_vector_product(v)``: ``G_GN v = (1/n) Σ_i J_iᵀ (∂²l/∂f²)_i (J_i v)``: ``J v`` by one
   forward-mode pass, the output Hessian of the loss, then ``Jᵀ(·)`` by one backward pass (Schraudolph 2002).
 
 Parameter order: that of :func:`fso_lib.curvature.parameter_layout`.
@@ -27,7 +27,7 @@ __all__ = ["CurvatureProducts"]
 
 
 class CurvatureProducts:
-    """Gradient, ``H v`` and ``G v`` of ``R(θ) = (1/n) Σ_i l(f(x_i, θ), y_i)`` at the model's current ``θ``.
+    """Gradient, ``H v`` and ``G_GN v`` of ``R(θ) = (1/n) Σ_i l(f(x_i, θ), y_i)`` at the model's current ``θ``.
 
     The parameters are read once, at construction: later changes to the model are not seen.
     """
@@ -71,7 +71,7 @@ class CurvatureProducts:
         return jvp(grad(self._risk), (self.theta,), (self._vector(vector),))[1]
 
     def gauss_newton_vector_product(self, vector: torch.Tensor) -> torch.Tensor:
-        """``G v = (1/n) Σ_i J_iᵀ (∂²l/∂f²)_i J_i v`` (``J v`` forward, then ``Jᵀ u`` backward)."""
+        """``G_GN v = (1/n) Σ_i J_iᵀ (∂²l/∂f²)_i J_i v`` (``J v`` forward, then ``Jᵀ u`` backward)."""
         outputs, jv = jvp(self._outputs, (self.theta,), (self._vector(vector),))
         middle = self.loss.output_hessian_product(outputs.detach(), self.y, jv) / self.n_examples
         _, pullback = vjp(self._outputs, self.theta)

@@ -110,3 +110,15 @@ def test_hessian_column_by_column_is_the_dense_hessian():
     eye = torch.eye(ops.theta.numel(), dtype=torch.float64)
     columns = torch.stack([ops.hessian_vector_product(e) for e in eye], dim=1)
     torch.testing.assert_close(columns, C.hessian(model, SquaredError(), x, y), rtol=1e-10, atol=1e-12)
+
+
+def test_human_bytes_and_timing_helpers():
+    assert costs.human_bytes(4 * 2_837_314 ** 2) == "32.2 TB"
+    assert costs.human_bytes(999) == "999 B"
+    assert costs.human_seconds(0.251) == "251 ms" and costs.human_seconds(90) == "1.5 min"
+    assert costs.human_seconds(3 * 86400) == "3 days" and costs.human_seconds(2e12).endswith("years")
+    calls = []
+    times = costs.median_times({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
+    assert set(times) == {"a", "b"} and calls == ["a", "b"] * 4  # interleaved, warm-up included
+    assert all(t >= 0 for t in times.values())
+    assert costs.matmul_rate(size=64, repeats=2) > 0
