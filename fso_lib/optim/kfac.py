@@ -106,8 +106,9 @@ class KFAC(LayerwiseOptimizer):
       the device: no host read; first update, or after ``δ₀`` is lost: ``μ = 0``, ``α`` the line minimizer).
       ``lr`` and ``momentum`` are **ignored** (kept in the parameter groups, unused). ``kl_clip``, if set, then
       scales the step so that ``δᵀFδ ≤ kl_clip`` with the exact ``F`` (for the fixed rule it bounds
-      ``lr²·⟨Δ, ∇⟩ = δᵀF̆δ``). Cost per update: one JVP through the model for each of the two directions
-      (sharing the primal pass), the weight gradient ``gᵀh`` (one GEMM per layer) and a few inner products.
+      ``lr²·⟨Δ, ∇⟩``, the approximate-Fisher norm ``(lr Δ)ᵀF̆(lr Δ)`` of the preconditioned step). Cost per
+      update: one JVP through the model for each of the two directions (sharing the primal pass), the weight
+      gradient ``gᵀh`` (one GEMM per layer) and a few inner products.
     * ``damping_adaptation=True`` (§6.5, Levenberg–Marquardt): every ``damping_adaptation_period`` (T₁) updates,
       ``ρ = (L(θ+δ) − L(θ)) / (M(δ) − M(0))`` on that update's minibatch; ``ρ > 3/4`` ⇒ ``ε ← ω₁ε``,
       ``ρ < 1/4`` ⇒ ``ε ← ε/ω₁``, ``ω₁ = (19/20)^T₁`` (a model that predicted no decrease, or a non-finite ρ,
@@ -117,11 +118,6 @@ class KFAC(LayerwiseOptimizer):
       enters the quadratic model at once and the factored damping ``γ = √ε`` at the next inversion (every
       ``inverse_period`` updates). ``M`` in ``ρ`` is the undamped model (``F`` alone) unless ``damped_rho=True``
       (``F + εI``). A step skipped as non-finite measures nothing.
-    * ``quadratic_model_examples``: ``F`` of the model from the first that many examples of the minibatch
-      (default ``None``: all; the gradient term always uses the whole minibatch). The two JVPs of the
-      quadratic-model rule cost about six forward passes over those examples (one GEMM per layer for the primal
-      pass, two per layer and direction for the tangents; measured ≈ 6× on the deep autoencoder), so a quarter
-      of the minibatch cuts that by about four, at the price of a noisier ``F``.
       **Interface**: ``L(θ+δ)`` needs the training loss, which the optimizer does not know. Call
       ``opt.step(minibatch_loss=fn, loss=L)`` where ``fn()`` returns the training loss of this update's
       minibatch at the current parameters (forward pass only; the optimizer calls it under ``torch.no_grad()``
@@ -130,6 +126,11 @@ class KFAC(LayerwiseOptimizer):
       too (its return value is ``L(θ)``). :func:`fso_lib.training.training_step` does this for any optimizer
       whose :attr:`wants_minibatch_loss` is true. Cost: one forward pass and one host read per T₁ updates
       (plus, with the fixed rule, a copy of the parameters and one JVP).
+    * ``quadratic_model_examples``: ``F`` of the model from the first that many examples of the minibatch
+      (default ``None``: all; the gradient term always uses the whole minibatch). The two JVPs of the
+      quadratic-model rule cost about six forward passes over those examples (one GEMM per layer for the primal
+      pass, two per layer and direction for the tangents; measured ≈ 6× on the deep autoencoder), so a quarter
+      of the minibatch cuts that by about four, at the price of a noisier ``F``.
 
     Logged, for a harness: :attr:`damping` (group 0's current ε), :attr:`last_rho` (float, NaN before the first
     measurement), :attr:`last_step_coefficients` (``[α, μ]`` on the device, quadratic-model rule) and
