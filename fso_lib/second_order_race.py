@@ -165,18 +165,20 @@ class RaceRun:
 
 
 def race_run(method: str, loss_name: str, learning_rate: float, damping: float, n_steps: int,
-             width: int = 6, n_examples: int = 64, seed: int = 0, kfac_samples: int = 4) -> RaceRun:
+             width: int = 6, n_examples: int = 64, seed: int = 0, kfac_samples: int = 4, cache: bool = True) -> RaceRun:
     """Train a fresh :func:`make_tiny_problem` student for ``n_steps`` updates of ``method``.
 
     Stops early, with ``diverged=True``, when the loss becomes non-finite or exceeds
     :data:`DIVERGENCE_FACTOR` times the initial loss, when a probability output saturates at exactly 0
     or 1 (the loss rejects it), or when the library optimizer raises a :class:`~fso_lib.optim.DivergenceError`.
-    Results are cached (same arguments, same run). Runs on one thread (the caller's setting is restored).
+    Results are cached (same arguments, same run); ``cache=False`` trains afresh (to time the updates again)
+    and leaves the cache alone. Runs on one thread (the caller's setting is restored).
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)   # 39-parameter matrices: extra threads only contend (10× slower on a busy 2-core machine)
     try:
-        return _cached_run(method, loss_name, float(learning_rate), float(damping), int(n_steps), int(width),
+        run = _cached_run if cache else _cached_run.__wrapped__
+        return run(method, loss_name, float(learning_rate), float(damping), int(n_steps), int(width),
                            int(n_examples), int(seed), int(kfac_samples))
     finally:
         torch.set_num_threads(threads)

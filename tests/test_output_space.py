@@ -125,3 +125,10 @@ def test_race_runs_record_the_time_of_their_updates():
     run = race_run("gauss_newton", "squared_error", 1.0, 0.03, 5, width=3, n_examples=8)
     assert len(run.seconds) == len(run.losses) == 6 and run.seconds[0] == 0.0
     assert all(b > a for a, b in zip(run.seconds, run.seconds[1:]))
+
+
+def test_an_uncached_race_run_trains_afresh_with_the_same_losses():
+    cached = race_run("gd", "squared_error", 0.3, 0.0, 4, width=3, n_examples=8)
+    fresh = race_run("gd", "squared_error", 0.3, 0.0, 4, width=3, n_examples=8, cache=False)
+    assert fresh is not cached and fresh.losses == cached.losses
+    assert race_run("gd", "squared_error", 0.3, 0.0, 4, width=3, n_examples=8) is cached
