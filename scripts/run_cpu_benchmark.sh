@@ -3,6 +3,9 @@
 # once: they would share the cores and distort each other's clock), for SECONDS of training time each,
 # with tuned hyperparameters. Run it on a quiet machine.
 #
+# This is the protocol of the 2026-11-27 race (data/results/cpu/: uneven tuning, one seed), kept to reproduce it.
+# The equal-budget race of issue 12 (same trials and horizon for every method, three seeds) is scripts/run_race.sh.
+#
 # Optional first stage (TUNE=1): biased random search (thesis §4.1) of each method with short trials,
 # which writes the tuned-hyperparameters JSON that the long runs read.
 #

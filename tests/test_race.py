@@ -156,3 +156,21 @@ def test_plan_arithmetic(tmp_path):
     assert row["tuning_h"] == pytest.approx(3 * row["trial_s"] / 3600)
     assert row["final_s"] > 100.0  # 4,000 updates in 100 s > 1,000: the time budget decides, plus evaluations
     assert p["machine_hours"] == pytest.approx((row["tuning_h"] + row["finals_h"]) / 2)
+
+
+def test_plan_counts_the_quadratic_model_rule_of_kfac_from_the_speed_file(tmp_path):
+    from fso_lib.bench.methods import get_method
+
+    if "step_rule" not in get_method("kfac").domain.names:
+        pytest.skip("this KFAC has no step_rule option")
+    speed = {"results": {"sgd": {"amortized_ms": 10.0, "breakdown_ms": {"forward": 4.0, "statistics": 0.0}},
+                         "kfac": {"amortized_ms": 20.0, "breakdown_ms": {"forward": 4.0, "statistics": 1.0}},
+                         "kfac_quadratic_model": {"amortized_ms": 50.0, "breakdown_ms": {}}}}
+    (tmp_path / "speed.json").write_text(json.dumps(speed))
+    config = RaceConfig(methods=("kfac",), rounds=(4, 2), horizon=100, trial_eval_every=100, threads=2,
+                        final_seeds=(1,), final_seconds=1.0, final_min_updates=10, train_eval_size=1000)
+    p = plan(config, tmp_path / "speed.json", tmp_path / "no_old_race")
+    row, evals = p["methods"]["kfac"], 2 * p["eval_s"]  # threads=2: the speed file's own condition, slowdown 1
+    assert p["slowdown"] == 1.0 and row["ms_per_update"] == 50.0  # later rounds and finals: the dearer rule
+    assert row["trial_s"] == pytest.approx(100 * (20.0 + 50.0) / 2 / 1e3 + evals)  # round 1: either rule alike
+    assert row["tuning_h"] * 3600 == pytest.approx(4 * row["trial_s"] + 2 * (100 * 0.05 + evals))

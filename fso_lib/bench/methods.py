@@ -154,11 +154,14 @@ def chapter6_domains() -> dict[str, list]:
         "kfac": _kfac_domain(),
         "kfac_thesis": _kfac_domain(),
         "natural_nn": [Param("lr", 1e-3, 1.0, log=True), Param("damping", 1e-3, 1.0, log=True)],
+        "natural_nn_implicit": [Param("lr", 1e-3, 1.0, log=True), Param("damping", 1e-3, 1.0, log=True)],
     }
 
 
-#: The thesis's K-FAC protocol (§6.5.1, §6.6): statistics and inverses every 100 updates, no running average.
-KFAC_THESIS_PROTOCOL = {"statistics_period": 100, "inverse_period": 100, "running_average": 0.0}
+#: The thesis's K-FAC protocol (§6.5.1, §6.6): statistics and inverses every 100 updates, no running average
+#: (``fso_lib.optim.kfac.KFAC_THESIS_PROTOCOL``; the statistics minibatch is the run's minibatch size, 200).
+KFAC_THESIS_PROTOCOL = dict(getattr(fso_optim.kfac, "KFAC_THESIS_PROTOCOL",
+                                    {"statistics_period": 100, "inverse_period": 100, "running_average": 0.0}))
 
 
 def register_chapter6_methods() -> None:
@@ -167,6 +170,8 @@ def register_chapter6_methods() -> None:
     domains = chapter6_domains()
     entries = [(name, name, label, {}) for name, label in CHAPTER6_METHODS.items()]
     entries.append(("kfac_thesis", "kfac", "K-FAC, thesis protocol", KFAC_THESIS_PROTOCOL))
+    if "natural_nn_implicit" in fso_optim.OPTIMIZERS:  # the same updates as natural_nn on plain layers (not raced by default)
+        entries.append(("natural_nn_implicit", "natural_nn_implicit", "natural neural network (implicit)", {}))
     for name, optimizer, label, fixed in entries:
         spec = fso_optim.OPTIMIZERS[optimizer]
         defaults = {**spec.defaults, **fixed}

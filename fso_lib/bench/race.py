@@ -6,7 +6,7 @@ Protocol (:class:`RaceConfig`, defaults in brackets):
 1. **Tuning, equal for every method.** Round 1: biased random search (thesis Algorithm 1) of [16] trials over
    the method's declared domain (:mod:`.methods`); round 2: [8] trials of the same search in a domain
    narrowed around round 1's best (:func:`fso_lib.search.narrow`, width [0.25] of each unit range). Every
-   trial trains [2,000] updates (minibatch [200], Martens' sparse initialization, whose scale is searched)
+   trial trains [1,500] updates (minibatch [200], Martens' sparse initialization, whose scale is searched)
    on the same data order and initialization seed ([0]); its cost is the train squared error at the end
    (inf when it diverged). Trials run one after the other within a method, so that a search is
    deterministic and resumes exactly.
@@ -59,7 +59,7 @@ class RaceConfig:
     methods: tuple = RACE_METHODS
     rounds: tuple = (16, 8)  # trials per round; round 2 and later search around the best so far
     narrow_width: float = 0.25
-    horizon: int = 2000  # updates per tuning trial
+    horizon: int = 1500  # updates per tuning trial (the budget arithmetic: see data/results/README.md)
     tuning_seed: int = 0  # data order and initialization of every tuning trial
     search: str = "biased"
     final_seeds: tuple = (1, 2, 3)
@@ -280,7 +280,7 @@ def run_race(config: RaceConfig, stages=("tune", "final"), executor: Executor | 
                     future = executor.submit(tune_method, config, job[1])
                 else:
                     future = executor.submit(final_run, config, *job[1:])
-                _log(config, {"type": "start", "job": list(job[:3])})
+                _log(config, {"type": "start", "job": list(job[:3]), "in_flight": len(pending) + 1})
                 echo(f"start {job[:3]}")
                 pending[future] = job
             if not pending:
@@ -294,7 +294,7 @@ def run_race(config: RaceConfig, stages=("tune", "final"), executor: Executor | 
                     _log(config, {"type": "error", "job": list(job[:3]), "error": f"{type(error).__name__}: {error}"})
                     echo(f"{job[:3]} failed: {type(error).__name__}: {error}")
                     continue
-                _log(config, {"type": "end", "job": list(job[:3]), "outcome": outcome})
+                _log(config, {"type": "end", "job": list(job[:3]), "outcome": outcome, "in_flight": len(pending) + 1})
                 echo(f"done {job[:3]}: {outcome}")
                 if job[0] == "tune":
                     best = outcome["best"]
@@ -388,17 +388,25 @@ def _old_race_ms(folder: Path = OLD_RACE_DIR) -> dict:
     return result
 
 
+#: rows of the speed file that time a race method or a K-FAC option (registry name or row name -> race use)
+SPEED_ROWS = {"kfac_thesis": "kfac_thesis_protocol", "kfac:quadratic_model": "kfac_quadratic_model"}
+
+
 def _ms_per_update_estimates(speed_path: Path = SPEED_FILE, old_race: Path = OLD_RACE_DIR) -> dict:
     """Amortized ms per update of every race method at 2 threads alone, from the speed benchmark; the methods
     it did not time (Adam, SGD + momentum, the batch-norm variants) scaled from SGD by their ratio to SGD in
-    the old race; ``kfac_thesis`` = K-FAC with its statistics pass every 100 updates instead of every 10."""
+    the old race; ``kfac_thesis`` from its own row, else K-FAC with its statistics pass every 100 updates
+    instead of every 10. ``kfac:quadratic_model``: K-FAC with the quadratic-model step rule, when timed."""
     speed, old = _speed_results(speed_path), _old_race_ms(old_race)
     ms = {name: speed[name]["amortized_ms"] for name in RACE_METHODS if name in speed}
     if "sgd" in ms:
         for name in RACE_METHODS:
             if name not in ms and name in old and "sgd" in old:
                 ms[name] = ms["sgd"] * old[name] / old["sgd"]
-    if "kfac" in speed:
+    for name, row in SPEED_ROWS.items():
+        if row in speed:
+            ms[name] = speed[row]["amortized_ms"]
+    if "kfac_thesis" not in ms and "kfac" in speed:
         kfac = speed["kfac"]
         ms["kfac_thesis"] = kfac["amortized_ms"] - kfac["breakdown_ms"]["statistics"] * (1 - 10 / 100)
     return ms
@@ -415,13 +423,16 @@ def _n_evaluations(updates: int, eval_every: int, schedule: str) -> int:
     return count
 
 
-def plan(config: RaceConfig, speed_path: Path = SPEED_FILE, old_race: Path = OLD_RACE_DIR) -> dict:
+def plan(config: RaceConfig, speed_path: Path = SPEED_FILE, old_race: Path = OLD_RACE_DIR,
+         quadratic_model_ratio: float | None = None) -> dict:
     """Machine time of the race from measured costs per update (see :func:`_ms_per_update_estimates`).
 
     The speed file was measured with 2 threads and one process; the old race ran 1 thread per run, two runs
     side by side, so its ratio to the speed file (median over the methods both timed) is the slowdown of
     that configuration. An evaluation costs a forward pass of SGD (the speed file's breakdown) over the
-    train-evaluation subset and the test set. Process start-up and data loading are not counted."""
+    train-evaluation subset and the test set. Process start-up and data loading are not counted.
+    ``quadratic_model_ratio``: the cost of a K-FAC update with the quadratic-model step rule over the fixed
+    rule's, for when the speed file has no row for it (an assumption the printout labels as such)."""
     ms2 = _ms_per_update_estimates(speed_path, old_race)
     speed, old = _speed_results(speed_path), _old_race_ms(old_race)
     shared = [m for m in ms2 if m in old and m in speed]
@@ -433,20 +444,35 @@ def plan(config: RaceConfig, speed_path: Path = SPEED_FILE, old_race: Path = OLD
     forward_ms = speed["sgd"]["breakdown_ms"]["forward"] * slowdown if "sgd" in speed else math.nan
     n_test = 10_000 if not config.sample else 1_000
     eval_s = forward_ms * (config.train_eval_size + n_test) / config.batch_size / 1e3
-    rows, core_s = {}, 0.0
+    rows, core_s, notes = {}, 0.0, []
+    trial_evals = _n_evaluations(config.horizon, config.trial_eval_every, "linear") * eval_s
     for method in config.methods:
         ms = ms2.get(method, math.nan) * slowdown
-        trial_s = config.horizon * ms / 1e3 + _n_evaluations(config.horizon, config.trial_eval_every, "linear") * eval_s
-        final_updates = max(config.final_min_updates, config.final_seconds * 1e3 / ms)
-        final_s = (max(config.final_seconds, config.final_min_updates * ms / 1e3)
+        ms_first_round = ms_later = ms
+        step_rules = next((p.choices for p in get_method(method).domain.params if p.name == "step_rule"), ())
+        if "quadratic_model" in step_rules:
+            ratio = ms2["kfac:quadratic_model"] / ms2["kfac"] if "kfac:quadratic_model" in ms2 else quadratic_model_ratio
+            if ratio is not None:  # round 1 draws either rule alike; later rounds and finals: the dearer
+                ms_quadratic = ratio * ms
+                ms_first_round, ms_later = (ms + ms_quadratic) / 2, max(ms, ms_quadratic)
+                if "kfac:quadratic_model" not in ms2:
+                    notes.append(f"{method}: quadratic-model step rule counted at {ratio:g}× the fixed rule "
+                                 "(--quadratic-model-ratio, not from the speed file)")
+            else:
+                notes.append(f"{method}: the quadratic-model step rule is not in the speed file; counted at the "
+                             "fixed rule's cost, an underestimate")
+        trial_s = config.horizon * ms_first_round / 1e3 + trial_evals
+        later_trial_s = config.horizon * ms_later / 1e3 + trial_evals
+        final_updates = max(config.final_min_updates, config.final_seconds * 1e3 / ms_later)
+        final_s = (max(config.final_seconds, config.final_min_updates * ms_later / 1e3)
                    + _n_evaluations(int(final_updates), config.final_eval_every, "log") * eval_s)
-        tuning = config.trials_per_method * trial_s
+        tuning = config.rounds[0] * trial_s + sum(config.rounds[1:]) * later_trial_s
         finals = len(config.final_seeds) * final_s
-        rows[method] = {"ms_per_update": ms, "trial_s": trial_s, "tuning_h": tuning / 3600, "final_s": final_s,
+        rows[method] = {"ms_per_update": ms_later, "trial_s": trial_s, "tuning_h": tuning / 3600, "final_s": final_s,
                         "finals_h": finals / 3600}
         core_s += tuning + finals
     workers = max(1, config.workers)
-    return {"methods": rows, "slowdown": slowdown, "slowdown_source": slowdown_source, "eval_s": eval_s,
+    return {"methods": rows, "notes": notes, "slowdown": slowdown, "slowdown_source": slowdown_source, "eval_s": eval_s,
             "run_hours": core_s / 3600, "machine_hours": core_s / 3600 / workers, "workers": workers,
             "threads": config.threads, "trials_per_method": config.trials_per_method, "horizon": config.horizon}
 
@@ -461,6 +487,7 @@ def format_plan(p: dict, config: RaceConfig) -> str:
     for method, row in p["methods"].items():
         lines.append(f"{method:22s} {row['ms_per_update']:9.1f} {row['trial_s']:8.0f} {row['tuning_h']:9.2f} "
                      f"{row['final_s']:8.0f} {row['finals_h']:9.2f}")
+    lines += [f"note: {note}" for note in p["notes"]]
     lines += ["", f"run time in all: {p['run_hours']:.1f} h; with {p['workers']} run(s) at a time "
                   f"({p['threads']} thread(s) each): ≈ {p['machine_hours']:.1f} h of machine time "
                   "(ideal packing; start-up and data loading not counted)."]
@@ -492,6 +519,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", action="store_true", help="the 1,000-image MNIST sample (smoke runs)")
     p.add_argument("--stage", choices=("all", "tune", "final"), default="all")
     p.add_argument("--plan", action="store_true", help="print the budget arithmetic and exit")
+    p.add_argument("--quadratic-model-ratio", type=float, default=None,
+                   help="--plan: cost of K-FAC's quadratic-model rule over the fixed rule when the speed file lacks it")
     p.add_argument("--summary", action="store_true", help="print the final runs' median (min–max) and exit")
     return p
 
@@ -512,7 +541,7 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
     config = config_from_args(args)
     if args.plan:
-        print(format_plan(plan(config), config))
+        print(format_plan(plan(config, quadratic_model_ratio=args.quadratic_model_ratio), config))
         return 0
     if args.summary:
         for method, row in final_summary(config).items():

@@ -249,8 +249,8 @@ def plan(n_per_dim: int, workers: int, sizes: tuple = THESIS_SIZES) -> str:
     return (f"Table 4.1 on the deep autoencoder: {n_per_dim}×{n_per_dim} = {n_per_dim ** 2} trials of {N_UPDATES} SGD "
             f"updates at ≈{ms:.1f} ms/update (1 thread, {p['slowdown']:.2f}× the speed file's 2-thread SGD) + an "
             f"evaluation on {N_EVAL} images ≈ {trial_s:.1f} s per trial: {total / 3600:.2f} h of trials, "
-            f"≈{total / 3600 / max(1, workers):.2f} h with {max(1, workers)} worker(s). The {3 * 100} searches "
-            f"of 100 lookups then take seconds. Model building and data loading are not counted.")
+            f"≈{total / 3600 / max(1, workers):.2f} h with {max(1, workers)} worker(s). The {len(SEARCH_VARIANTS)} × 100 "
+            f"searches of 100 lookups then take seconds. Model building and data loading are not counted.")
 
 
 def main(argv=None) -> None:
