@@ -34,8 +34,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import get_device
+from ..optim import DivergenceError, LayerwiseOptimizer, check_divergence, needs_statistics
 from ..training import training_step
-from ..optim import DivergenceError, check_divergence, needs_statistics
 from .methods import get_method
 from .tasks import make_task
 
@@ -285,18 +285,22 @@ def make_step(model, loss_fn, optimizer, device: torch.device, compile: bool = F
     ``compile=True`` compiles the model's forward/backward with ``torch.compile``, in mode
     ``"reduce-overhead"`` on a GPU (the steady-state step is replayed as CUDA graphs) and the default mode
     elsewhere (CPU: C++ kernels, which needs a C++ compiler). ``torch.optim`` steps (SGD, Adam) are
-    compiled too. The chapter-6 optimizers' steps and statistics minibatches run eagerly. A compiled K-FAC
-    step used to drift from the eager one from its second update on: dynamo dropped the increment of the
-    optimizer's update counter, freezing its statistics and inversion schedule. That is fixed (the counter
-    lives in a dict; ``tests/test_optim.py`` checks compiled = eager across refreshes with dynamo's "eager"
-    backend), but compiling these steps with inductor or CUDA graphs has not been validated yet, so they stay
-    eager here."""
+    compiled too. The chapter-6 optimizers (:class:`~fso_lib.optim.LayerwiseOptimizer`) compile the steady-state
+    part of their step (:meth:`~fso_lib.optim.LayerwiseOptimizer.compile_step`: one graph, compiled once, the
+    statistics and inverse refreshes eager; ``tests/test_optim_compile.py`` checks compiled = eager across
+    refreshes with inductor on the CPU) and keep their forward/backward eager (the capture hooks)."""
     if not compile:
         return lambda x, y, statistics=None: training_step(model, loss_fn, optimizer, x, y, statistics)
     mode = "reduce-overhead" if device.type == "cuda" else None
     compiled_model = torch.compile(model, mode=mode)
     compiled_optimizer_step = None
-    if type(optimizer).__module__.startswith("torch.optim"):
+    if isinstance(optimizer, LayerwiseOptimizer):
+        # the steady-state part of the step (layer updates, non-finite flag, masked application) is compiled once;
+        # the schedule (statistics, inverse refreshes) stays eager. The forward pass stays eager too: the hooks
+        # that capture each layer's input and ∂L/∂a would split a compiled forward into one graph per layer.
+        optimizer.compile_step(mode=mode)
+        compiled_model = model
+    elif type(optimizer).__module__.startswith("torch.optim"):
         @torch.compile(mode=mode, fullgraph=False)
         def compiled_optimizer_step():
             optimizer.step()

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .base import DivergenceError, LayerwiseOptimizer
-from .inverse import INVERSE_FORMS, CovarianceInverse
+from .inverse import INVERSE_FORMS, CovarianceInverse, apply_inverse
 
 __all__ = ["ACP", "BIAS_UPDATES", "acp_product_order"]
 
@@ -111,28 +111,35 @@ class ACP(LayerwiseOptimizer):
         largest = torch.linalg.vector_norm(g, ord=float("inf"))
         return (largest * g.shape[0]).square().clamp_min(torch.finfo(g.dtype).tiny)
 
+    def _before_updates(self):
+        """Statistics from the training minibatch when none was fed this period, and the inverses' refresh
+        (with the heuristic α of this minibatch): the step's schedule, kept out of :meth:`_layer_update`."""
+        due = self.n_updates % self.amortization_period == 0
+        for k, group in enumerate(self.param_groups):
+            state = self.state[group["params"][0]]
+            if due and state.get("statistics_update") != self.n_updates:
+                # no statistics minibatch fed for this period: use the training minibatch instead
+                self._store_covariance(state, self._captured(k)[0], self.n_updates)
+            if CovarianceInverse.from_state(state) is None:
+                covariance = state["covariance"]
+                if not bool(torch.isfinite(covariance).all()):  # one host read per refresh, not per step
+                    raise DivergenceError(
+                        f"ACP: the input covariance of layer {k} contains inf or NaN: the statistics minibatch "
+                        "contained non-finite values (or the forward pass overflowed); the damping is not the cause."
+                    )
+                alpha = self._per_example_alpha(group, self._captured(k)[1])
+                epsilon = group["damping"] / alpha  # a float, or a 0-dim tensor for the heuristic α (no host read)
+                inverse = CovarianceInverse.from_centered(
+                    state["statistics_centered"], epsilon, form=self.inverse_form,
+                    what=f"input covariance of layer {k}", covariance=covariance)
+                state.update(inverse.to_state())
+
     def _layer_update(self, k, group, h, g):
         weight, bias = group["params"]
         state = self.state[weight]
         n, n_in = h.shape
         n_out = g.shape[1]
-        if self.n_updates % self.amortization_period == 0 and state.get("statistics_update") != self.n_updates:
-            # no statistics minibatch fed for this period: use the training minibatch instead
-            self._store_covariance(state, h, self.n_updates)
         alpha = self._per_example_alpha(group, g)
-        inverse = CovarianceInverse.from_state(state)
-        if inverse is None:
-            covariance = state["covariance"]
-            if not bool(torch.isfinite(covariance).all()):  # one host read per refresh, not per step
-                raise DivergenceError(
-                    f"ACP: the input covariance of layer {k} contains inf or NaN: the statistics minibatch "
-                    "contained non-finite values (or the forward pass overflowed); the damping is not the cause."
-                )
-            epsilon = group["damping"] / alpha  # a float, or a 0-dim tensor for the heuristic α (no host read)
-            inverse = CovarianceInverse.from_centered(
-                state["statistics_centered"], epsilon, form=self.inverse_form,
-                what=f"input covariance of layer {k}", covariance=covariance)
-            state.update(inverse.to_state())
         mean = h.mean(dim=0)
         centered = h - mean  # centre first: no cancellation between ∇_W and ∇_b h̄ᵀ
         bias_grad = bias.grad
@@ -142,10 +149,10 @@ class ACP(LayerwiseOptimizer):
                 centered_grad = torch.addr(weight.grad, bias_grad, mean, alpha=-1.0)
             else:
                 centered_grad = g.T @ centered
-            d_weight = inverse.apply(centered_grad, scale)  # out ≤ n here: the smaller array to scale
+            d_weight = apply_inverse(state, centered_grad, scale)  # out ≤ n here: the smaller array to scale
             weight_times_mean = None if group["bias_update"] != "derived" else d_weight @ mean
         else:
-            preconditioned = inverse.apply(centered, scale)  # scale the n × in factor, not the out × in result
+            preconditioned = apply_inverse(state, centered, scale)  # scale the n × in factor, not the out × in result
             d_weight = g.T @ preconditioned
             # ΔW h̄ = gᵀ (X h̄): two matrix-vector products on the n-row factors, not one on the out × in result
             weight_times_mean = None if group["bias_update"] != "derived" else g.T @ (preconditioned @ mean)

@@ -242,39 +242,76 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._before_updates()
+        self._before_updates()  # schedules, statistics and inverse refreshes: Python control flow, host reads allowed
+        check_now = self.check_finite and self.check_every is not None and (self.n_updates + 1) % self.check_every == 0
+        if check_now:
+            # the flag is read now anyway: raise before touching anything, else apply without the mask
+            updates = self._scaled_updates()
+            self._record_non_finite(updates, loss)
+            self.check_divergence()
+            for group, pair in zip(self.param_groups, updates):
+                self._apply(group, pair, None)
+            self._device_updates.add_(1)
+        else:
+            (self._compiled_update or self._masked_update)(loss)
+        self.n_updates += 1
+        self.capture.clear()
+        return loss
+
+    def _scaled_updates(self):
         updates = []
         for k, group in enumerate(self.param_groups):
             h, g = self._captured(k)
             updates.append(self._layer_update(k, group, h, g))
-        updates = self._scale_updates(updates)
-        skip = None
-        if self.check_finite:
-            total = torch.stack([u.sum() for pair in updates for u in pair]).sum()
-            bad_update = ~torch.isfinite(total)
-            if loss is not None:
-                loss_t = torch.as_tensor(loss, device=self._diverged.device).detach().float().reshape(())
-                bad_loss = ~torch.isfinite(loss_t)
-            else:
-                loss_t, bad_loss = None, torch.zeros_like(bad_update)
-            bad = bad_update | bad_loss
-            first = bad & ~self._diverged
-            self._divergence_update.copy_(torch.where(first, self._device_updates, self._divergence_update))
-            self._divergence_in_loss.copy_(torch.where(first, bad_loss, self._divergence_in_loss))
-            if loss_t is not None:
-                self._divergence_loss.copy_(torch.where(first, loss_t, self._divergence_loss))
-            self._diverged.logical_or_(bad)
-            if self.check_every is not None and (self.n_updates + 1) % self.check_every == 0:
-                # the flag is read now anyway: raise before touching anything, else apply without the mask
-                self.check_divergence()
-            else:
-                skip = self._diverged
+        return self._scale_updates(updates)
+
+    def _record_non_finite(self, updates, loss) -> torch.Tensor:
+        """Fold "this update or loss is not finite" into the device flags; return the flag (no host read)."""
+        total = torch.stack([u.sum() for pair in updates for u in pair]).sum()
+        bad_update = ~torch.isfinite(total)
+        if loss is not None:
+            loss_t = torch.as_tensor(loss, device=self._diverged.device).detach().float().reshape(())
+            bad_loss = ~torch.isfinite(loss_t)
+        else:
+            loss_t, bad_loss = None, torch.zeros_like(bad_update)
+        bad = bad_update | bad_loss
+        first = bad & ~self._diverged
+        self._divergence_update.copy_(torch.where(first, self._device_updates, self._divergence_update))
+        self._divergence_in_loss.copy_(torch.where(first, bad_loss, self._divergence_in_loss))
+        if loss_t is not None:
+            self._divergence_loss.copy_(torch.where(first, loss_t, self._divergence_loss))
+        self._diverged.logical_or_(bad)
+        return self._diverged
+
+    def _masked_update(self, loss) -> None:
+        """The steady-state part of a step: the layer updates, the non-finite flag, and the masked application.
+        Pure tensor code (no host read, no branch on the update counter): :meth:`compile_step` compiles it."""
+        updates = self._scaled_updates()
+        skip = self._record_non_finite(updates, loss) if self.check_finite else None
         for group, pair in zip(self.param_groups, updates):
             self._apply(group, pair, skip)
         self._device_updates.add_(1)
-        self.n_updates += 1
-        self.capture.clear()
-        return loss
+
+    _compiled_update = None
+
+    def compile_step(self, **options) -> "LayerwiseOptimizer":
+        """Compile the steady-state part of :meth:`step` with ``torch.compile(**options)`` (e.g.
+        ``mode="reduce-overhead"`` for CUDA graphs on a GPU; on a CPU inductor needs a C++ compiler).
+
+        The schedule (statistics, inverse refreshes, with their host reads) stays eager in
+        :meth:`_before_updates`; the compiled part holds the layer updates, the device-side non-finite flag and
+        the masked application, so that it sees the same code every update and is compiled once. Steps that
+        read the flag (``check_every``) run eagerly; use ``check_every=None`` (and :meth:`check_divergence` at
+        evaluation time) to compile every step. Returns the optimizer."""
+        reason = self._not_compilable()
+        if reason:
+            raise ValueError(f"{type(self).__name__}.compile_step: {reason}")
+        self._compiled_update = torch.compile(self._masked_update, **options)
+        return self
+
+    def _not_compilable(self) -> str | None:
+        """Why this configuration's steady-state step cannot be compiled, or ``None``."""
+        return None
 
     def _apply(self, group: dict, pair, skip) -> None:
         """``p ← p − lr · direction`` (heavy ball: ``buf ← momentum · buf + direction``, ``p ← p − lr · buf``);

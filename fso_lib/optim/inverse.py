@@ -18,7 +18,7 @@ import torch
 
 from .base import damped_inverse
 
-__all__ = ["INVERSE_FORMS", "inverse_form", "CovarianceInverse"]
+__all__ = ["INVERSE_FORMS", "inverse_form", "CovarianceInverse", "apply_inverse"]
 
 INVERSE_FORMS = ("auto", "dense", "woodbury")
 
@@ -96,3 +96,15 @@ class CovarianceInverse:
         if state.get("inverse_basis") is not None:
             return cls("woodbury", state["epsilon"], basis=state["inverse_basis"], solve=state["inverse_solve"])
         return None
+
+
+def apply_inverse(state: dict, rows: torch.Tensor, scale=None) -> torch.Tensor:
+    """``scale · rows (C + εI)⁻¹`` with the inverse an optimizer keeps in ``state`` (:meth:`CovarianceInverse.to_state`).
+
+    A plain function over the state's tensors (no object built per call), so that a compiled step traces it."""
+    epsilon = state["epsilon"]
+    if state.get("inverse") is not None:
+        out = rows @ state["inverse"]
+        return out if scale is None else out.mul_(scale)
+    out = torch.addmm(rows, rows @ state["inverse_basis"].T, state["inverse_solve"], alpha=-1.0)
+    return out.mul_(1.0 / epsilon if scale is None else scale / epsilon)

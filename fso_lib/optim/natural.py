@@ -8,7 +8,7 @@ from torch.nn import functional as F
 from ..layer_stats import UnsupportedLayerError
 from .acp import acp_product_order
 from .base import DivergenceError, LayerwiseOptimizer
-from .inverse import INVERSE_FORMS, CovarianceInverse
+from .inverse import INVERSE_FORMS, CovarianceInverse, apply_inverse
 
 __all__ = ["WhitenedLinear", "whiten_model", "NaturalNeuralNetwork"]
 
@@ -215,8 +215,7 @@ class NaturalNeuralNetwork(LayerwiseOptimizer):
             return v.grad, d.grad
         weight, bias = group["params"]
         state = self.state[weight]
-        inverse = CovarianceInverse.from_state(state)
-        if inverse is None:  # no statistics yet: U = I and μ = 0, plain gradient descent
+        if "mean" not in state:  # no statistics yet: U = I and μ = 0, plain gradient descent
             return self._weight_gradient(group, h, g), bias.grad.clone()
         mean = state["mean"]
         n, n_in = h.shape
@@ -225,7 +224,7 @@ class NaturalNeuralNetwork(LayerwiseOptimizer):
                 centered_grad = torch.addr(weight.grad, bias.grad, mean, alpha=-1.0)
             else:
                 centered_grad = g.T @ (h - mean)
-            d_weight = inverse.apply(centered_grad)
+            d_weight = apply_inverse(state, centered_grad)
             return d_weight, bias.grad - d_weight @ mean
-        preconditioned = inverse.apply(h - mean)
+        preconditioned = apply_inverse(state, h - mean)
         return g.T @ preconditioned, bias.grad - g.T @ (preconditioned @ mean)
