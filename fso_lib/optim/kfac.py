@@ -116,8 +116,11 @@ class KFAC(LayerwiseOptimizer):
       ``γ = √ε ≥ 10⁻³`` so the damped factors stay invertible in float32, the upper one stops a run of bad
       minibatches from freezing training). Every parameter group's damping is scaled alike. The new ``ε``
       enters the quadratic model at once and the factored damping ``γ = √ε`` at the next inversion (every
-      ``inverse_period`` updates). ``M`` in ``ρ`` is the undamped model (``F`` alone) unless ``damped_rho=True``
-      (``F + εI``). A step skipped as non-finite measures nothing.
+      ``inverse_period`` updates): with the fixed rule that is the only way ε reaches the steps, so with
+      ``inverse_period = 100`` and T₁ = 5 it moves 20 times without feedback between two inversions (a
+      shorter ``inverse_period`` lets it act sooner); the quadratic-model rule feels it at once. ``M`` in ``ρ``
+      is the undamped model (``F`` alone) unless ``damped_rho=True`` (``F + εI``). A step skipped as non-finite
+      measures nothing.
       **Interface**: ``L(θ+δ)`` needs the training loss, which the optimizer does not know. Call
       ``opt.step(minibatch_loss=fn, loss=L)`` where ``fn()`` returns the training loss of this update's
       minibatch at the current parameters (forward pass only; the optimizer calls it under ``torch.no_grad()``
