@@ -4,9 +4,12 @@ Kept apart from the tests so that they read as: open a notebook, run it, check w
 """
 from __future__ import annotations
 
+import html
 import json
 import os
+import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -81,6 +84,16 @@ def write_lab_settings(settings_dir: Path) -> None:
         path.write_text(json.dumps(values))
 
 
+def readme_lab_arguments(readme: Path) -> list[str]:
+    """The arguments of the README's command that opens the book: what follows ``jupyter lab`` on its line."""
+    for block in re.findall(r"^```(?:bash|sh)\n(.*?)^```", readme.read_text(encoding="utf-8"), re.MULTILINE | re.DOTALL):
+        for line in block.splitlines():
+            match = re.search(r"jupyter lab\b(.*)$", line)
+            if match:
+                return shlex.split(match.group(1).split("&&")[0])
+    raise ValueError(f"no command with `jupyter lab` in a bash block of {readme}")
+
+
 @dataclass
 class LabServer:
     process: subprocess.Popen
@@ -88,6 +101,7 @@ class LabServer:
     token: str
     root: Path
     log: Path
+    runtime_dir: Path
 
     def api(self, method: str, path: str):
         request = urllib.request.Request(f"{self.url}{path}", method=method,
@@ -99,6 +113,26 @@ class LabServer:
     def shutdown_kernels(self) -> None:
         for kernel in self.api("GET", "/api/kernels"):
             self.api("DELETE", f"/api/kernels/{kernel['id']}")
+
+    def shutdown_sessions(self, keep: tuple[str, ...] = ()) -> None:
+        """End every notebook session (and its kernel) except those of the paths in ``keep``."""
+        for session in self.api("GET", "/api/sessions"):
+            if session["path"] not in keep:
+                self.api("DELETE", f"/api/sessions/{session['id']}")
+
+    def browser_open_url(self) -> str:
+        """The address the server asks a browser to open: the page of the file named on its command line if
+        there is one, else its default page (read from the file Jupyter writes for ``webbrowser.open``)."""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            pages = (sorted(self.runtime_dir.glob("jpserver-file-to-run-*-open.html"))
+                     or sorted(self.runtime_dir.glob("jpserver-*-open.html")))
+            if pages:
+                match = re.search(r'<a href="([^"]+)"', pages[0].read_text(encoding="utf-8"))
+                if match:
+                    return html.unescape(match.group(1))
+            time.sleep(0.25)
+        raise RuntimeError(f"JupyterLab wrote no browser-open file in {self.runtime_dir}")
 
     def stop(self) -> None:
         """Stop the server and everything it started (its kernels share its process group)."""
@@ -116,19 +150,26 @@ class LabServer:
                 continue
 
 
-def start_lab(root: Path, settings_dir: Path, log: Path, extra_env: dict[str, str], timeout: float = 90) -> LabServer:
-    """JupyterLab on a free local port with a random token, in its own process group."""
+def start_lab(root: Path, settings_dir: Path, log: Path, extra_env: dict[str, str], timeout: float = 90,
+              lab_arguments: list[str] | None = None) -> LabServer:
+    """JupyterLab on a free local port with a random token, in its own process group, started in ``root``.
+
+    ``lab_arguments`` are the reader's arguments (those of the README's command); by default the server is
+    rooted at ``root``. The test's own options (port, token, no browser) come first.
+    """
     port, token = free_port(), secrets.token_hex(16)
+    runtime_dir = settings_dir.parent / "runtime"
     env = {**os.environ, **extra_env, "JUPYTERLAB_SETTINGS_DIR": str(settings_dir),
-           "JUPYTERLAB_WORKSPACES_DIR": str(settings_dir.parent / "workspaces")}
+           "JUPYTERLAB_WORKSPACES_DIR": str(settings_dir.parent / "workspaces"), "JUPYTER_RUNTIME_DIR": str(runtime_dir)}
     env.pop("MPLBACKEND", None)
     command = [sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}", "--ServerApp.ip=127.0.0.1",
-               f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
-               "--ServerApp.port_retries=0", "--allow-root", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
+               f"--IdentityProvider.token={token}", "--ServerApp.port_retries=0", "--allow-root",
+               "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
+    command += lab_arguments if lab_arguments is not None else [f"--ServerApp.root_dir={root}"]
     handle = open(log, "wb")
     process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=root,
                                start_new_session=True)
-    server = LabServer(process, f"http://127.0.0.1:{port}", token, root, log)
+    server = LabServer(process, f"http://127.0.0.1:{port}", token, root, log, runtime_dir)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:

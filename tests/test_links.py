@@ -3,7 +3,8 @@
 Checked: the markdown cells of every notebook of ``notebooks/``, and the repository's Markdown files (README.md,
 CONTRIBUTING.md). For each link or image that is not a web address:
 
-* the target file or folder exists, inside the repository;
+* the target file or folder exists, inside the repository; from a notebook, it is a file (JupyterLab shows an error
+  dialog for a link to a folder);
 * a ``#fragment`` into a notebook (or within one) names an anchor JupyterLab can scroll to: an HTML element with
   ``id="..."`` in a markdown cell (the bibliography's ``<a id="KEY"></a>``), or a heading, whose id JupyterLab 4
   makes from the heading's text with every space replaced by ``-`` (``## 2.3 Two hyperparameters`` ->
@@ -116,6 +117,8 @@ def problems_of_link(source_file: Path, target: str, repo: Path) -> str | None:
         return f"points outside the repository ({resolved})"
     if not resolved.exists():
         return f"{path_part} does not exist"
+    if resolved.is_dir() and source_file.suffix == ".ipynb":
+        return f"{path_part} is a folder: JupyterLab cannot open a folder from a link (link a file in it)"
     if fragment:
         fragment = unquote(fragment)
         if resolved.suffix not in (".ipynb", ".md"):
@@ -196,12 +199,13 @@ def test_the_checker_finds_each_kind_of_broken_link(tmp_path):
         "[ok](refs.ipynb#smith2001) [ok](refs.ipynb#2.3-Two-hyperparameters) [ok](../lib/module.py) "
         "[web](https://example.org/x#y) `[code](nowhere.ipynb)` $[a](b)$",
         "[missing file](nothing.ipynb) [missing key](refs.ipynb#jones1999) [folder](../lib#x) "
-        "![image](missing.png) <a href=\"gone.ipynb\">html</a> [outside](../../elsewhere.txt) [self](#No-such-heading)",
+        "![image](missing.png) <a href=\"gone.ipynb\">html</a> [outside](../../elsewhere.txt) [self](#No-such-heading) "
+        "[a folder](../lib)",
     ])
     (tmp_path / "README.md").write_text("# Title\n## Measured times\n[ok](#measured-times) [bad](#Measured-times)\n")
     broken = broken_links(tmp_path)
     expected = ["(nothing.ipynb)", "(refs.ipynb#jones1999)", "(../lib#x)", "(missing.png)", "(gone.ipynb)",
-                "(../../elsewhere.txt)", "(#No-such-heading)", "README.md: (#Measured-times)"]
+                "(../../elsewhere.txt)", "(#No-such-heading)", "(../lib) ../lib is a folder", "README.md: (#Measured-times)"]
     for fragment in expected:
         assert any(fragment in line for line in broken), f"{fragment} not reported; reported: {broken}"
     assert len(broken) == len(expected), broken
