@@ -265,6 +265,9 @@ def run_race(config: RaceConfig, stages=("tune", "final"), executor: Executor | 
         order = sorted(config.methods, key=lambda m: -speed.get(m, 0.0))  # the longest jobs first
         queue += [("tune", m) for m in order]
     elif "final" in stages:
+        untuned = [m for m in config.methods if m not in tuned_table(config).get(config.task, {})]
+        if untuned:
+            echo(f"no tuned hyperparameters in {tuned_path} for {untuned}: their final runs are skipped")
         queue += _final_jobs(config, config.methods)
     pending = {}
     try:
@@ -367,7 +370,7 @@ def final_summary(config: RaceConfig, at_updates=(2000, 10_000), at_seconds=(60,
                 values = [loss_at(r, x, x_axis) for r in runs]
                 if any(math.isnan(v) for v in values):
                     continue  # a run did not get that far
-                row[f"{x}{' updates' if x_axis == 'updates' else ' s'}"] = seed_summary(values)
+                row[f"{x:g}{' updates' if x_axis == 'updates' else ' s'}"] = seed_summary(values)
         summary[method] = {"seeds": len(runs), **row}
     return summary
 
@@ -522,6 +525,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quadratic-model-ratio", type=float, default=None,
                    help="--plan: cost of K-FAC's quadratic-model rule over the fixed rule when the speed file lacks it")
     p.add_argument("--summary", action="store_true", help="print the final runs' median (min–max) and exit")
+    p.add_argument("--at-updates", default="2000,10000", help="--summary: updates to read the train loss at")
+    p.add_argument("--at-seconds", default="60,300,600", help="--summary: training seconds to read it at")
     return p
 
 
@@ -544,7 +549,8 @@ def main(argv=None) -> int:
         print(format_plan(plan(config, quadratic_model_ratio=args.quadratic_model_ratio), config))
         return 0
     if args.summary:
-        for method, row in final_summary(config).items():
+        numbers = lambda text: tuple(float(x) for x in text.split(",") if x)  # noqa: E731
+        for method, row in final_summary(config, numbers(args.at_updates), numbers(args.at_seconds)).items():
             cells = [f"{k}: {v['median']:.3g} ({v['min']:.3g}–{v['max']:.3g})" for k, v in row.items() if k != "seeds"]
             print(f"{method:20s} {row['seeds']} seeds  " + "; ".join(cells))
         return 0
