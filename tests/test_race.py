@@ -174,3 +174,37 @@ def test_plan_counts_the_quadratic_model_rule_of_kfac_from_the_speed_file(tmp_pa
     assert p["slowdown"] == 1.0 and row["ms_per_update"] == 50.0  # later rounds and finals: the dearer rule
     assert row["trial_s"] == pytest.approx(100 * (20.0 + 50.0) / 2 / 1e3 + evals)  # round 1: either rule alike
     assert row["tuning_h"] * 3600 == pytest.approx(4 * row["trial_s"] + 2 * (100 * 0.05 + evals))
+
+
+def _domain_points(method):
+    """Two points of the method's domain, and for K-FAC every combination of its choices (kl_clip set)."""
+    import itertools
+
+    import numpy as np
+
+    from fso_lib.bench.methods import get_method
+    from fso_lib.search import Choice
+
+    domain = get_method(method).domain
+    rng = np.random.default_rng(1)
+    points = [domain.sample(rng) for _ in range(2)]
+    choices = [p for p in domain.params if isinstance(p, Choice)]
+    for values in itertools.product(*(p.choices for p in choices)):
+        point = domain.from_unit([0.6] * len(domain.params))  # kl_clip (if searched) set, mid-range values
+        points.append({**point, **dict(zip((p.name for p in choices), values))})
+    return points
+
+
+@pytest.mark.parametrize("method", RaceConfig().methods)
+def test_every_point_of_every_race_domain_builds_and_trains(tmp_path, method):
+    """What a tuning trial runs: each method from points of its declared search domain, a few updates."""
+    from fso_lib.bench.runner import RunConfig, run
+
+    for k, point in enumerate(_domain_points(method)):
+        hp = dict(point)
+        init_scale = hp.pop("init_scale")
+        config = RunConfig(task="small_autoencoder", method=method, hyperparameters=hp, init="sparse",
+                           init_scale=init_scale, max_updates=6, eval_every=3, eval_schedule="linear",
+                           batch_size=50, train_eval_size=100, sample=True, progress=False, name=f"p{k}")
+        result = run(config, tmp_path)  # an error would raise here
+        assert result.status in ("completed", "diverged"), (point, result.status)
