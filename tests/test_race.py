@@ -208,3 +208,22 @@ def test_every_point_of_every_race_domain_builds_and_trains(tmp_path, method):
                            batch_size=50, train_eval_size=100, sample=True, progress=False, name=f"p{k}")
         result = run(config, tmp_path)  # an error would raise here
         assert result.status in ("completed", "diverged"), (point, result.status)
+
+
+def test_the_new_domains_contain_the_old_race_settings_and_the_issue_probe():
+    """The 2026-11-27 race's tuned settings (data/results/tuned_cpu.json) and issue 12's K-FAC probe
+    (η 0.1, ε 0.01, μ 0.9, kl_clip 0.01) lie inside the race's search domains."""
+    from fso_lib.bench.methods import get_method
+
+    old = json.loads((Path(__file__).resolve().parents[1] / "data/results/tuned_cpu.json").read_text())["autoencoder"]
+    for method, params in old.items():
+        domain, defaults = get_method(method).domain, get_method(method).defaults
+        assert {"lr", "init_scale"} <= set(params) and set(domain.names) & set(params) >= {"lr", "init_scale"}
+        # what the old race did not search takes the method's default (K-FAC's momentum 0.9, Adam's eps), or a
+        # mid-domain value for an option the old race did not have
+        full = {p.name: params.get(p.name, defaults.get(p.name, p.from_unit(0.5))) for p in domain.params}
+        assert domain.contains(full), (method, params)
+    kfac = get_method("kfac").domain
+    probe = {p.name: p.from_unit(0.5) for p in kfac.params}
+    probe.update(lr=0.1, damping=0.01, momentum=0.9, kl_clip=0.01, init_scale=1.0)
+    assert kfac.contains(probe)
