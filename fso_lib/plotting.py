@@ -16,6 +16,8 @@ METHOD_COLORS = {
     "acp_fixed_alpha": "#ff7f0e",
     "kfac": "#1f77b4",
     "natural_nn": "#2ca02c",
+    "natural_nn_implicit": "#98df8a",
+    "kfac_thesis": "#aec7e8",
     "newton": "#9467bd",
     "damped_newton": "#e7969c",
     "gd": "#7f7f7f",
