@@ -388,19 +388,20 @@ class KFAC(LayerwiseOptimizer):
         return {name: group["damping"] for group, names in zip(self.param_groups, self._parameter_names) for name in names}
 
     def _quadratic_model_updates(self, updates):
-        """``δ = α Δ + μ δ₀`` with ``(α, μ)`` minimizing the exact-Fisher model (Martens & Grosse §7), on the device."""
-        proposal, previous = {}, {}
+        """``δ = α Δ + μ δ₀`` with ``(α, μ)`` minimizing the exact-Fisher model (Martens & Grosse §7), on the device.
+
+        The model is minimized over the coefficients of the layer directions ``d = −Δ`` as returned (no negated
+        copy), so the coefficient found for ``d`` is ``−α``."""
+        direction, previous = {}, {}
         for group, names, pair in zip(self.param_groups, self._parameter_names, updates):
-            for p, name, direction in zip(group["params"], names, pair):
-                proposal[name] = -direction
+            for p, name, layer_direction in zip(group["params"], names, pair):
+                direction[name] = layer_direction
                 if "previous_update" in self.state[p]:
                     previous[name] = self.state[p]["previous_update"]
-        directions = [proposal] + ([previous] if len(previous) == len(proposal) else [])
+        directions = [direction] + ([previous] if len(previous) == len(direction) else [])
         model = self._current_quadratic_model()
         with self._hooks_off():
-            fisher_gram = model.fisher_gram(directions)
-        euclidean_gram = model.euclidean_gram(directions, self._damping_weights())
-        gradient_dots = model.gradient_dots(directions)
+            fisher_gram, euclidean_gram, gradient_dots = model.gram_matrices(directions, self._damping_weights())
         coefficients = minimizing_coefficients(fisher_gram, euclidean_gram, gradient_dots, damping=1.0)
         if self.kl_clip is not None:
             fisher_norm = coefficients @ fisher_gram @ coefficients
@@ -408,15 +409,15 @@ class KFAC(LayerwiseOptimizer):
             coefficients = coefficients * clip
         self.last_model_change = model_change(coefficients, fisher_gram, euclidean_gram, gradient_dots,
                                               damping=1.0 if self.damped_rho else 0.0)
-        full = coefficients if len(directions) == 2 else torch.cat([coefficients, torch.zeros_like(coefficients)])
-        self.last_step_coefficients = full
+        mu = coefficients[1] if len(directions) == 2 else torch.zeros_like(coefficients[0])
+        self.last_step_coefficients = torch.stack([-coefficients[0], mu])  # [α, μ] of δ = αΔ + μδ₀
         steps = []
         for names in self._parameter_names:
             pair = []
             for name in names:
-                delta = coefficients[0] * proposal[name]
+                delta = direction[name] * coefficients[0]
                 if len(directions) == 2:
-                    delta = delta + coefficients[1] * previous[name]
+                    delta = torch.addcmul(delta, previous[name], coefficients[1])
                 pair.append(delta)
             steps.append(tuple(pair))
         return steps
@@ -471,10 +472,9 @@ class KFAC(LayerwiseOptimizer):
             delta = {name: p.detach() - before[name] for group, names in zip(self.param_groups, self._parameter_names)
                      for p, name in zip(group["params"], names)}
             with self._hooks_off():
-                fisher_gram = model.fisher_gram([delta])
-            euclidean_gram = model.euclidean_gram([delta], self._damping_weights())
+                fisher_gram, euclidean_gram, gradient_dots = model.gram_matrices([delta], self._damping_weights())
             one = torch.ones(1, dtype=fisher_gram.dtype, device=fisher_gram.device)
-            self.last_model_change = model_change(one, fisher_gram, euclidean_gram, model.gradient_dots([delta]),
+            self.last_model_change = model_change(one, fisher_gram, euclidean_gram, gradient_dots,
                                                   damping=1.0 if self.damped_rho else 0.0)
         loss_after = self._evaluate_loss(minibatch_loss)
         predicted = self.last_model_change.to(loss_after.dtype)

@@ -111,41 +111,50 @@ class MinibatchQuadraticModel:
             parameters = {name: named[name].detach() for name in self.names}
         self.parameters = {name: parameters[name] for name in self.names}
         self.fisher_product = output_fisher_product(loss)
-        self._output = None
 
     def _forward(self, parameters):
         out = functional_call(self.model, parameters, (self.inputs,))
         return out.unsqueeze(1) if out.dim() == 1 else out
 
-    def output_jvps(self, directions: Sequence[Mapping[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _stack(self, directions):
+        return {name: torch.stack([d[name] for d in directions]) for name in self.names}
+
+    def output_jvps(self, directions: Sequence[Mapping[str, torch.Tensor]], stacked=None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(f, Jv)``: the outputs ``(n, k)`` at ``θ`` and ``J v_j`` for each direction, ``(m, n, k)``."""
-        stacked = {name: torch.stack([d[name] for d in directions]) for name in self.names}
+        stacked = self._stack(directions) if stacked is None else stacked
         with torch.no_grad(), _forward_mode_quietly():
             output, products = vmap(lambda tangent: jvp(self._forward, (self.parameters,), (tangent,)),
                                     out_dims=(None, 0))(stacked)
-        self._output = output
         return output, products
 
-    def fisher_gram(self, directions: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
+    def fisher_gram(self, directions: Sequence[Mapping[str, torch.Tensor]], stacked=None) -> torch.Tensor:
         """``[v_aᵀ F v_b]``, ``(m, m)``, from one JVP per direction."""
-        output, products = self.output_jvps(directions)
+        output, products = self.output_jvps(directions, stacked)
         weighted = torch.stack([self.fisher_product(output, p) for p in products])
         return torch.einsum("ank,bnk->ab", products, weighted) / output.shape[0]
 
     def euclidean_gram(self, directions: Sequence[Mapping[str, torch.Tensor]],
-                       weights: Mapping[str, float] | None = None) -> torch.Tensor:
+                       weights: Mapping[str, float] | None = None, stacked=None) -> torch.Tensor:
         """``[Σ_p w_p ⟨v_a[p], v_b[p]⟩]``, ``(m, m)``: the damping's part of the Gram matrix (``w_p = 1`` by default)."""
-        m = len(directions)
-        rows = []
-        for a in range(m):
-            rows.append(torch.stack([
-                sum(((weights or {}).get(name, 1.0)) * (directions[a][name] * directions[b][name]).sum() for name in self.names)
-                for b in range(m)]))
-        return torch.stack(rows)
+        stacked = self._stack(directions) if stacked is None else stacked
+        total = 0
+        for name in self.names:
+            flat = stacked[name].reshape(len(directions), -1)
+            total = total + (weights or {}).get(name, 1.0) * (flat @ flat.T)
+        return total
 
-    def gradient_dots(self, directions: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
+    def gradient_dots(self, directions: Sequence[Mapping[str, torch.Tensor]], stacked=None) -> torch.Tensor:
         """``[∇ᵀ v_j]``, ``(m,)``."""
-        return torch.stack([sum((self.gradient[name] * d[name]).sum() for name in self.names) for d in directions])
+        stacked = self._stack(directions) if stacked is None else stacked
+        return sum(stacked[name].reshape(len(directions), -1) @ self.gradient[name].reshape(-1) for name in self.names)
+
+    def gram_matrices(self, directions: Sequence[Mapping[str, torch.Tensor]],
+                      weights: Mapping[str, float] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(G_F, G_I, b)``: :meth:`fisher_gram`, :meth:`euclidean_gram` and :meth:`gradient_dots` of the same
+        directions, stacked once."""
+        stacked = self._stack(directions)
+        return (self.fisher_gram(directions, stacked), self.euclidean_gram(directions, weights, stacked),
+                self.gradient_dots(directions, stacked))
 
     def change(self, delta: Mapping[str, torch.Tensor], damping: float = 0.0) -> torch.Tensor:
         """``M(δ) − M(0) = ½ δᵀ(F + εI)δ + ∇ᵀδ`` (0-dim tensor)."""
