@@ -324,3 +324,19 @@ def test_quadratic_model_on_part_of_the_minibatch_uses_the_fisher_of_those_examp
     delta = _flat(model, _parameters(model)) - theta
     predicted = 0.5 * delta @ part_fisher @ delta + gradient @ delta  # gradient of the whole minibatch
     assert float(opt.last_model_change) == pytest.approx(float(predicted), rel=1e-9)
+
+
+def test_a_skipped_quadratic_model_step_keeps_the_parameters_and_the_previous_update():
+    model, reference, x, y = _problem()
+    opt = _kfac(model, step_rule="quadratic_model", check_every=None)
+    torch.manual_seed(0)
+    opt.update_statistics(x)
+    training_step(model, reference, opt, x, y)
+    previous = [opt.state[p]["previous_update"].clone() for p in model.parameters()]
+    before = _parameters(model)
+    opt.zero_grad()
+    sum_squared_error(model(x), y).backward()
+    opt.step(loss=torch.tensor(float("nan"), **F64))  # a non-finite loss: the step is masked on the device
+    assert bool(opt.diverged)
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    assert all(torch.equal(opt.state[p]["previous_update"], old) for p, old in zip(model.parameters(), previous))
