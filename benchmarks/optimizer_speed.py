@@ -143,7 +143,9 @@ def main(argv=None):
     for name in names:
         for prefix, (prepare, make) in libraries.items():
             registry_name, hyper = CONFIGS[name]
-            if prefix and (name == "sgd" or "weight_grads" in hyper or "check_every" in hyper):
+            new_options = ("weight_grads", "check_every", "inverse_form", "step_rule", "damping_adaptation",
+                           "quadratic_model_examples", "running_average")
+            if prefix and (name == "sgd" or registry_name == "natural_nn_implicit" or any(o in hyper for o in new_options)):
                 continue  # torch's SGD did not change; weight_grads and check_every did not exist before
             model = prepare(registry_name, deep_autoencoder(seed=0))
             runs[prefix + name] = dict(model=model, opt=make(registry_name, model, **hyper), k=0,
@@ -163,7 +165,10 @@ def main(argv=None):
         loss.backward()
         t3 = time.perf_counter()
         refresh = _refreshes(opt)
-        opt.step()
+        if getattr(opt, "wants_minibatch_loss", False):  # K-FAC's damping adaptation measures the loss after its step
+            opt.step(minibatch_loss=lambda: squared_error(model(x), x), loss=loss.detach())
+        else:
+            opt.step()
         t4 = time.perf_counter()
         run["k"] = k + 1
         if record:

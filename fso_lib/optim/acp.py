@@ -19,20 +19,20 @@ class ACP(LayerwiseOptimizer):
     """Amortized covariance preconditioner (Thesis §6.4.2, Algorithm 3; the update of eqs. 6.3.3–6.3.4).
 
     Each layer's block of the GN/Fisher matrix is approximated by ``A ⊗ αI`` (§6.3.2) plus Tikhonov
-    damping ``λ I``, which amounts to the damped input covariance ``C + (λ/α) I``. The update is::
+    damping ``ε I``, which amounts to the damped input covariance ``C + (ε/α) I``. The update is::
 
-        ΔW = (1/α) · (1/n) Σ_i ∇_{a_i} l (h_i − h̄)ᵀ (C + (λ/α) I)⁻¹       (eq. 6.3.3)
+        ΔW = (1/α) · (1/n) Σ_i ∇_{a_i} l (h_i − h̄)ᵀ (C + (ε/α) I)⁻¹       (eq. 6.3.3)
         Δb = (1/α) · (1/n) Σ_i ∇_{a_i} l − ΔW h̄                          (eq. 6.3.4, bias_update="derived")
-        W ← W − lr ΔW,   b ← b − lr Δb
+        W ← W − η ΔW,   b ← b − η Δb
 
     ``C`` is estimated from a separate statistics minibatch every ``amortization_period`` updates
     (:meth:`update_statistics`; if none was fed, the current training minibatch is used) and its damped
     inverse is cached; ``h̄`` is the mean of the current training minibatch.
 
     Hyperparameters
-        ``lr``: the learning rate λ of the thesis; ``damping``: the Tikhonov λ of §6.4.2 (the covariance
-        is damped by ``damping / α``); ``alpha``: a fixed α, or ``None`` for the heuristic
-        ``α = max_{i,j} (∇_{a_i} l)_j²`` (per layer and minibatch; the damping ``λ/α`` then uses the α
+        ``lr``: the learning rate η (the thesis writes λ); ``damping``: the Tikhonov ε of §6.4.2 (the thesis's λ;
+        the covariance is damped by ``damping / α``); ``alpha``: a fixed α, or ``None`` for the heuristic
+        ``α = max_{i,j} (∇_{a_i} l)_j²`` (per layer and minibatch; the damping ``ε/α`` then uses the α
         of the minibatch on which the inverse is refreshed, so that it can be cached);
         ``amortization_period``: N; ``bias_update``: ``"derived"`` or ``"printed"`` (see
         :data:`BIAS_UPDATES`); ``momentum``: heavy-ball momentum on the update (0 in the thesis).
@@ -47,7 +47,7 @@ class ACP(LayerwiseOptimizer):
     gradient; from autograd's ``∇_W − ∇_b h̄ᵀ`` when ``weight_grads``), ``"batch"`` ("large batch": cheaper
     when ``n_out > n``) computes ``gᵀ((h − h̄) P)``.
 
-    Inverse form (``inverse_form``): ``"dense"`` forms ``P = (C + (λ/α) I)⁻¹``; ``"woodbury"`` applies it through
+    Inverse form (``inverse_form``): ``"dense"`` forms ``P = (C + (ε/α) I)⁻¹``; ``"woodbury"`` applies it through
     the m × m Gram matrix of the m-example statistics minibatch (``C`` has rank < m), about half the
     multiply-adds for inputs wider than ≈ 2.4 m; ``"auto"`` (default) picks the cheaper per layer
     (:mod:`fso_lib.optim.inverse`).

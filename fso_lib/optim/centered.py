@@ -20,7 +20,7 @@ class CenteredSGD(LayerwiseOptimizer):
     autograd's gradient. ``materialize_grads()``, ``check_every``: see
     :class:`~fso_lib.optim.base.LayerwiseOptimizer`.
 
-    Hyperparameters: ``lr`` (λ), ``momentum`` (heavy ball, 0 in the thesis).
+    Hyperparameters: ``lr`` (η; the thesis writes λ), ``momentum`` (heavy ball, 0 in the thesis).
     """
 
     forms_weight_gradient = True

@@ -312,6 +312,12 @@ class KFAC(LayerwiseOptimizer):
             state["A_inverse"] = damped_inverse(a, pi * gamma, what=f"input factor of layer {k}")
             state["G_inverse"] = damped_inverse(g, gamma / pi, what=f"gradient factor of layer {k}")
 
+    def _not_compilable(self):
+        if self.step_rule == "quadratic_model":
+            return ("the quadratic-model step rule differentiates the network (forward-mode products) inside the step; "
+                    "compile the fixed rule only")
+        return None
+
     def _before_updates(self):
         first = self.state[self.layers[0].weight]
         if "A" not in first:
