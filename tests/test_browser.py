@@ -152,8 +152,10 @@ def test_slider_redraws_its_figure(page, lab, artifacts):
 
 
 def test_the_widget_chapters_are_marked():
-    """03b (training race), 06c (damping and refresh explorer) and 07 (results explorer) are browser-tested."""
-    expected = {"03b_gauss_newton_and_fisher.ipynb", "06c_factorized_optimizers.ipynb", "07_benchmark.ipynb"}
+    """02b (momentum/Adam paths), 03b (training race), 03c (reparametrization), 06c (damping and refresh explorer) and
+    07 (results explorer) are browser-tested."""
+    expected = {"02b_momentum_and_adaptive_methods.ipynb", "03b_gauss_newton_and_fisher.ipynb",
+                "03c_costs_and_invariance.ipynb", "06c_factorized_optimizers.ipynb", "07_benchmark.ipynb"}
     assert expected <= set(MARKED_NOTEBOOKS), f"not marked with {WIDGET_MARKER!r}: {expected - set(MARKED_NOTEBOOKS)}"
 
 
