@@ -5,7 +5,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
 from fso_lib.bench.race import (Interrupted, RaceConfig, final_summary, plan, read_trial_log, run_race,
                                 search_file, seed_summary, tune_method)
@@ -13,12 +12,7 @@ from fso_lib.bench.runner import read_records
 from fso_lib.search import Domain, narrow
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def tiny(out, **kwargs):
