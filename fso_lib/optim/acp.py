@@ -7,7 +7,7 @@ from torch import nn
 from .base import DivergenceError, LayerwiseOptimizer
 from .inverse import INVERSE_FORMS, CovarianceInverse, apply_inverse
 
-__all__ = ["ACP", "BIAS_UPDATES", "acp_product_order"]
+__all__ = ["ACP", "BIAS_UPDATES", "acp_product_order", "centered_preconditioned_update"]
 
 BIAS_UPDATES = {
     "derived": "Δb = (1/α) mean_i ∇_{a_i} l − ΔW h̄   (eq. 6.3.4)",
@@ -136,30 +136,37 @@ class ACP(LayerwiseOptimizer):
 
     def _layer_update(self, k, group, h, g):
         weight, bias = group["params"]
-        state = self.state[weight]
-        n, n_in = h.shape
-        n_out = g.shape[1]
         alpha = self._per_example_alpha(group, g)
-        mean = h.mean(dim=0)
-        centered = h - mean  # centre first: no cancellation between ∇_W and ∇_b h̄ᵀ
-        bias_grad = bias.grad
-        scale = 1.0 / alpha
-        if acp_product_order(n, n_in, n_out, self.weight_grads) == "gradient":
-            if self.weight_grads:  # Σ_i g_i (h_i − h̄)ᵀ = ∇_W − ∇_b h̄ᵀ from autograd's gradient
-                centered_grad = torch.addr(weight.grad, bias_grad, mean, alpha=-1.0)
-            else:
-                centered_grad = g.T @ centered
-            d_weight = apply_inverse(state, centered_grad, scale)  # out ≤ n here: the smaller array to scale
-            weight_times_mean = None if group["bias_update"] != "derived" else d_weight @ mean
-        else:
-            preconditioned = apply_inverse(state, centered, scale)  # scale the n × in factor, not the out × in result
-            d_weight = g.T @ preconditioned
-            # ΔW h̄ = gᵀ (X h̄): two matrix-vector products on the n-row factors, not one on the out × in result
-            weight_times_mean = None if group["bias_update"] != "derived" else g.T @ (preconditioned @ mean)
-        d_bias = bias_grad * scale
-        if weight_times_mean is not None:
-            d_bias = d_bias - weight_times_mean
-        return d_weight, d_bias
+        return centered_preconditioned_update(
+            self.state[weight], h, g, h.mean(dim=0), bias.grad, weight.grad if self.weight_grads else None,
+            scale=1.0 / alpha, derived_bias=group["bias_update"] == "derived")
+
+
+def centered_preconditioned_update(state, h, g, mean, bias_grad, weight_grad=None, scale=None, derived_bias=True):
+    """``ΔW = scale · gᵀ(h − mean)(C + εI)⁻¹`` and ``Δb = scale · Σ_i g_i − ΔW mean`` (``derived_bias``) or
+    ``scale · Σ_i g_i``, with the inverse kept in ``state`` (:func:`~fso_lib.optim.inverse.apply_inverse`): ACP's
+    update (``mean`` = h̄ of the minibatch, ``scale`` = 1/α) and the implicit natural neural network's (``mean`` = the
+    statistics minibatch's, ``scale`` = 1). The product order is :func:`acp_product_order`'s; ``weight_grad``:
+    autograd's ``∇_W`` when it was formed (then ``Σ_i g_i (h_i − mean)ᵀ = ∇_W − ∇_b meanᵀ``), else ``None``."""
+    n, n_in = h.shape
+    if acp_product_order(n, n_in, g.shape[1], weight_grad is not None) == "gradient":
+        if weight_grad is not None:
+            centered_grad = torch.addr(weight_grad, bias_grad, mean, alpha=-1.0)
+        else:  # centre first: no cancellation between ∇_W and ∇_b meanᵀ
+            centered_grad = g.T @ (h - mean)
+        d_weight = apply_inverse(state, centered_grad, scale)  # out ≤ n here: the smaller array to scale
+        weight_times_mean = d_weight @ mean if derived_bias else None
+    else:
+        preconditioned = apply_inverse(state, h - mean, scale)  # scale the n × in factor, not the out × in result
+        d_weight = g.T @ preconditioned
+        # ΔW mean = gᵀ (X mean): two matrix-vector products on the n-row factors, not one on the out × in result
+        weight_times_mean = g.T @ (preconditioned @ mean) if derived_bias else None
+    d_bias = bias_grad if scale is None else bias_grad * scale
+    if weight_times_mean is not None:
+        d_bias = d_bias - weight_times_mean
+    elif d_bias is bias_grad:
+        d_bias = bias_grad.clone()  # never .grad itself: a skipped step masks the update in place
+    return d_weight, d_bias
 
 
 def acp_product_order(n: int, n_in: int, n_out: int, weight_grads: bool) -> str:

@@ -62,13 +62,7 @@ class CovarianceInverse:
 
     def apply(self, rows: torch.Tensor, scale=None) -> torch.Tensor:
         """``scale · rows (C + εI)⁻¹``; ``scale`` a float, a 0-dim tensor or ``None`` (1)."""
-        if self.form == "dense":
-            out = rows @ self.matrix
-            return out if scale is None else out.mul_(scale)
-        # (rows − (rows Sᵀ) B) / ε
-        out = torch.addmm(rows, rows @ self.basis.T, self.solve, alpha=-1.0)
-        factor = 1.0 / self.epsilon if scale is None else scale / self.epsilon
-        return out.mul_(factor)
+        return apply_inverse(self.to_state(), rows, scale)
 
     def dense(self) -> torch.Tensor:
         """The matrix ``(C + εI)⁻¹`` itself (for inspection; the Woodbury form builds it here, n_in² memory)."""

@@ -6,9 +6,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..layer_stats import UnsupportedLayerError
-from .acp import acp_product_order
+from .acp import centered_preconditioned_update
 from .base import DivergenceError, LayerwiseOptimizer
-from .inverse import INVERSE_FORMS, CovarianceInverse, apply_inverse
+from .inverse import INVERSE_FORMS, CovarianceInverse
 
 __all__ = ["WhitenedLinear", "whiten_model", "NaturalNeuralNetwork"]
 
@@ -217,14 +217,6 @@ class NaturalNeuralNetwork(LayerwiseOptimizer):
         state = self.state[weight]
         if "mean" not in state:  # no statistics yet: U = I and μ = 0, plain gradient descent
             return self._weight_gradient(group, h, g), bias.grad.clone()
-        mean = state["mean"]
-        n, n_in = h.shape
-        if acp_product_order(n, n_in, g.shape[1], self.weight_grads) == "gradient":
-            if self.weight_grads:
-                centered_grad = torch.addr(weight.grad, bias.grad, mean, alpha=-1.0)
-            else:
-                centered_grad = g.T @ (h - mean)
-            d_weight = apply_inverse(state, centered_grad)
-            return d_weight, bias.grad - d_weight @ mean
-        preconditioned = apply_inverse(state, h - mean)
-        return g.T @ preconditioned, bias.grad - g.T @ (preconditioned @ mean)
+        # gradient descent on V, d seen on W = VU, b = d − Wμ: ACP's update with α = 1 and the statistics mean μ
+        return centered_preconditioned_update(state, h, g, state["mean"], bias.grad,
+                                              weight.grad if self.weight_grads else None)
