@@ -70,6 +70,9 @@ CONFIGS = {
     "kfac_quadratic_model": ("kfac", dict(statistics_period=10, inverse_period=100, step_rule="quadratic_model")),
     "kfac_quadratic_model_50": ("kfac", dict(statistics_period=10, inverse_period=100, step_rule="quadratic_model",
                                              quadratic_model_examples=50)),
+    # the same rule offered to ACP and the implicit natural neural network (fso_lib.bench methods *_quadratic_model)
+    "acp_quadratic_model": ("acp", dict(amortization_period=100, step_rule="quadratic_model")),
+    "natural_nn_quadratic_model": ("natural_nn_implicit", dict(amortization_period=100, step_rule="quadratic_model")),
     # fso_lib.optim.kfac.KFAC_THESIS_PROTOCOL: statistics and inverses every 100 updates, no running average
     "kfac_thesis_protocol": ("kfac", dict(lr=0.01, statistics_period=100, inverse_period=100, running_average=0.0)),
 }

@@ -15,6 +15,9 @@ covered by the two methods ``acp`` (heuristic α) and ``acp_fixed_alpha`` (α = 
 depends on (η/α, ε/α) only, so searching η and ε with α = 1 covers every fixed α (checked in
 ``tests/test_bench.py``). ``kfac_thesis`` is K-FAC with the thesis's protocol: statistics and inverses
 every 100 updates from a separate minibatch of the run's size (200), no running average.
+``acp_quadratic_model`` and ``natural_nn_quadratic_model``: ACP (heuristic α) and the implicit natural neural
+network with Martens & Grosse's quadratic-model step rule (:class:`fso_lib.optim.quadratic_model.QuadraticModelSteps`),
+searching ε and whether to adapt it (their lr is ignored).
 """
 from __future__ import annotations
 
@@ -112,7 +115,8 @@ CHAPTER6_METHODS = {
 #: The natural neural network is raced in its implicit form: the same updates as ``natural_nn`` (tested equal in
 #: float64, tests/test_inverse.py) without the whitened layers' extra GEMMs in the forward and backward passes.
 RACE_METHODS = ("sgd", "sgd_momentum", "adam", "centered_gd", "mean_only_batchnorm", "batchnorm", "acp",
-                "acp_fixed_alpha", "kfac", "kfac_thesis", "natural_nn_implicit")
+                "acp_fixed_alpha", "kfac", "kfac_thesis", "natural_nn_implicit", "acp_quadratic_model",
+                "natural_nn_quadratic_model")
 
 
 def _chapter6_build(name: str):
@@ -129,6 +133,12 @@ def _chapter6_build(name: str):
 def kfac_options() -> set[str]:
     """The keyword arguments :class:`fso_lib.optim.KFAC` accepts (its options differ between versions)."""
     return set(inspect.signature(fso_optim.KFAC.__init__).parameters) - {"self", "model"}
+
+
+def quadratic_model_options() -> set[str]:
+    """The options of Martens & Grosse's quadratic model that ACP and the natural neural network accept."""
+    return {"loss", "step_rule", "damping_adaptation", "damping_adaptation_period", "damping_bounds", "damped_rho",
+            "quadratic_model_examples"}
 
 
 def _kfac_domain() -> list:
@@ -157,6 +167,9 @@ def chapter6_domains() -> dict[str, list]:
         "kfac_thesis": _kfac_domain(),
         "natural_nn": [Param("lr", 1e-3, 1.0, log=True), Param("damping", 1e-3, 1.0, log=True)],
         "natural_nn_implicit": [Param("lr", 1e-3, 1.0, log=True), Param("damping", 1e-3, 1.0, log=True)],
+        # Martens & Grosse's step rule picks the step length itself (lr is ignored): ε and the LM adaptation are the knobs
+        "acp_quadratic_model": [Param("damping", 1e-4, 10.0, log=True), Choice("damping_adaptation", [False, True])],
+        "natural_nn_quadratic_model": [Param("damping", 1e-4, 1.0, log=True), Choice("damping_adaptation", [False, True])],
     }
 
 
@@ -174,12 +187,17 @@ def register_chapter6_methods() -> None:
     entries.append(("kfac_thesis", "kfac", "K-FAC, thesis protocol", KFAC_THESIS_PROTOCOL))
     if "natural_nn_implicit" in fso_optim.OPTIMIZERS:  # the same updates as natural_nn on plain layers; the race uses it
         entries.append(("natural_nn_implicit", "natural_nn_implicit", "natural neural network (implicit)", {}))
+    # issue 12: Martens & Grosse's quadratic-model step (and, if the search picks it, their adaptive damping) offered to
+    # ACP and the natural neural network as separate methods, so that the race measures what it changes
+    quadratic = {"step_rule": "quadratic_model"}
+    entries.append(("acp_quadratic_model", "acp", "ACP, quadratic-model step", quadratic))
+    entries.append(("natural_nn_quadratic_model", "natural_nn_implicit", "natural NN, quadratic-model step", quadratic))
     for name, optimizer, label, fixed in entries:
         spec = fso_optim.OPTIMIZERS[optimizer]
         defaults = {**spec.defaults, **fixed}
         domain = domains[name]
         searched = {p.name for p in domain}
-        extra = kfac_options() if optimizer == "kfac" else set()
+        extra = kfac_options() if optimizer == "kfac" else quadratic_model_options() if name.endswith("quadratic_model") else set()
         optional = tuple(sorted((set(spec.hyperparameters) | searched | extra) - set(defaults) - {"check_every"}))
         register_method(Method(name, label, defaults, Domain([*domain, INIT_SCALE]), _chapter6_build(optimizer),
                                source="fso_lib.optim",
@@ -195,3 +213,37 @@ def method_available(name: str) -> tuple[bool, str]:
     if name not in METHODS:
         return False, f"unknown method {name!r}; registered: {sorted(METHODS)}"
     return True, ""
+
+
+#: After the thesis (issue 14): EKFAC, Shampoo and SOAP, built by ``fso_lib.optim.make_optimizer``. Registered as
+#: bench methods; whether they race is decided in :data:`RACE_METHODS`.
+AFTER_THESIS_METHODS = {"ekfac": "EKFAC", "shampoo": "Shampoo", "soap": "SOAP"}
+
+
+def after_thesis_domains() -> dict[str, list]:
+    """The search domains of EKFAC, Shampoo and SOAP, without ``init_scale`` (added to all).
+
+    EKFAC: K-FAC's knobs (η, ε, μ, ``kl_clip`` off or log-uniform); its ε is added to the second moments in the
+    eigenbasis, not split as √ε over two factors, so its range starts lower. Shampoo: η, ε, μ; grafting is not
+    searched (it changes the step's scale, hence the η range: one η range cannot serve all three) and stays at
+    the registry's default. SOAP: η and Adam's ε, as for Adam (β₁, β₂ at Adam's defaults)."""
+    return {
+        "ekfac": [Param("lr", 1e-3, 1.0, log=True), Param("damping", 1e-6, 1.0, log=True), MOMENTUM,
+                  Param("kl_clip", 1e-4, 1.0, log=True, none_fraction=0.5)],
+        "shampoo": [Param("lr", 1e-4, 0.3, log=True), Param("damping", 1e-8, 1e-2, log=True), MOMENTUM],
+        "soap": [Param("lr", 1e-5, 1e-1, log=True), Param("eps", 1e-10, 1e-3, log=True)],
+    }
+
+
+def register_after_thesis_methods() -> None:
+    """Register EKFAC, Shampoo and SOAP with the defaults that ``fso_lib.optim.OPTIMIZERS`` publishes."""
+    domains = after_thesis_domains()
+    for name, label in AFTER_THESIS_METHODS.items():
+        spec = fso_optim.OPTIMIZERS[name]
+        domain = domains[name]
+        optional = tuple(sorted((set(spec.hyperparameters) | {p.name for p in domain}) - set(spec.defaults) - {"check_every"}))
+        register_method(Method(name, label, dict(spec.defaults), Domain([*domain, INIT_SCALE]), _chapter6_build(name),
+                               source="fso_lib.optim", optional=optional, uses_statistics=bool(spec.uses_statistics)))
+
+
+register_after_thesis_methods()

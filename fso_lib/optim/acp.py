@@ -6,6 +6,7 @@ from torch import nn
 
 from .base import DivergenceError, LayerwiseOptimizer
 from .inverse import INVERSE_FORMS, CovarianceInverse, apply_inverse
+from .quadratic_model import QuadraticModelSteps
 
 __all__ = ["ACP", "BIAS_UPDATES", "acp_product_order", "centered_preconditioned_update"]
 
@@ -15,7 +16,7 @@ BIAS_UPDATES = {
 }
 
 
-class ACP(LayerwiseOptimizer):
+class ACP(QuadraticModelSteps, LayerwiseOptimizer):
     """Amortized covariance preconditioner (Thesis §6.4.2, Algorithm 3; the update of eqs. 6.3.3–6.3.4).
 
     Each layer's block of the GN/Fisher matrix is approximated by ``A ⊗ αI`` (§6.3.2) plus Tikhonov
@@ -51,6 +52,12 @@ class ACP(LayerwiseOptimizer):
     the m × m Gram matrix of the m-example statistics minibatch (``C`` has rank < m), about half the
     multiply-adds for inputs wider than ≈ 2.4 m; ``"auto"`` (default) picks the cheaper per layer
     (:mod:`fso_lib.optim.inverse`).
+
+    Martens & Grosse's options (:class:`~fso_lib.optim.quadratic_model.QuadraticModelSteps`, off by default):
+    ``step_rule="quadratic_model"`` scales ACP's direction (and combines it with the previous step) by the
+    minimizer of the exact-Fisher model of the minibatch, ignoring ``lr`` and ``momentum``;
+    ``damping_adaptation`` moves ε by the Levenberg–Marquardt rule (it reaches the cached inverse at the next
+    refresh, the model at once); ``loss`` names the training loss for the model's Fisher.
     """
 
     forms_weight_gradient = True
@@ -68,6 +75,13 @@ class ACP(LayerwiseOptimizer):
         weight_grads: bool = False,
         check_every: int | None = 1,
         inverse_form: str = "auto",
+        loss="squared_error",
+        step_rule: str = "fixed",
+        damping_adaptation: bool = False,
+        damping_adaptation_period: int = 5,
+        damping_bounds: tuple[float, float] = (1e-6, 1e4),
+        damped_rho: bool = False,
+        quadratic_model_examples: int | None = None,
     ):
         if inverse_form not in INVERSE_FORMS:
             raise ValueError(f"inverse_form must be one of {INVERSE_FORMS}, got {inverse_form!r}")
@@ -83,6 +97,8 @@ class ACP(LayerwiseOptimizer):
         super().__init__(model, defaults, check_finite=check_finite, weight_grads=weight_grads, check_every=check_every)
         self.amortization_period = int(amortization_period)
         self.inverse_form = inverse_form
+        self._init_quadratic_model(loss, step_rule, damping_adaptation, damping_adaptation_period, damping_bounds,
+                                   damped_rho, quadratic_model_examples)
 
     # -- statistics ----------------------------------------------------------------------------------
     def needs_statistics(self) -> bool:

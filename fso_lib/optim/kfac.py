@@ -2,17 +2,13 @@
 quadratic-model step (their §6.5 and §7) as options, and the thesis's amortization as a named configuration."""
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 from torch import nn
 
 from .base import DivergenceError, LayerwiseOptimizer, damped_inverse
-from .quadratic_model import (
-    MinibatchQuadraticModel, levenberg_marquardt_damping, minimizing_coefficients, model_change, output_fisher_product,
-    reduction_ratio,
-)
+from .quadratic_model import STEP_RULES, QuadraticModelSteps, output_fisher_product
 
 __all__ = ["KFAC", "SAMPLED_LOSSES", "STEP_RULES", "KFAC_THESIS_PROTOCOL", "THESIS_STATISTICS_MINIBATCH",
            "kfac_product_order"]
@@ -24,8 +20,6 @@ __all__ = ["KFAC", "SAMPLED_LOSSES", "STEP_RULES", "KFAC_THESIS_PROTOCOL", "THES
 KFAC_THESIS_PROTOCOL = dict(statistics_period=100, inverse_period=100, running_average=0.0)
 #: Examples in the thesis's statistics minibatch (and in its training minibatch), §6.6.2.
 THESIS_STATISTICS_MINIBATCH = 200
-#: ``"fixed"``: the step is ``−lr · Δ`` with heavy-ball momentum; ``"quadratic_model"``: Martens & Grosse's §7.
-STEP_RULES = ("fixed", "quadratic_model")
 
 
 def _squared_error_sample(output: torch.Tensor) -> torch.Tensor:
@@ -58,7 +52,7 @@ SAMPLED_LOSSES = {
 }
 
 
-class KFAC(LayerwiseOptimizer):
+class KFAC(QuadraticModelSteps, LayerwiseOptimizer):
     """Kronecker-factored approximate curvature for MLPs (Martens & Grosse 2015; Thesis §6.5.1).
 
     Each layer's block of the **Fisher of the model's predictive distribution** (the "true" Fisher,
@@ -166,22 +160,12 @@ class KFAC(LayerwiseOptimizer):
     ):
         if damping <= 0:
             raise ValueError("damping must be positive")
-        if step_rule not in STEP_RULES:
-            raise ValueError(f"step_rule must be one of {STEP_RULES}, got {step_rule!r}")
-        if int(damping_adaptation_period) < 1:
-            raise ValueError("damping_adaptation_period must be at least 1")
-        low, high = (float(b) for b in damping_bounds)
-        if quadratic_model_examples is not None and int(quadratic_model_examples) < 1:
-            raise ValueError(f"quadratic_model_examples must be a positive number of examples or None, got {quadratic_model_examples}")
-        if not 0 < low <= high:
-            raise ValueError(f"damping_bounds must be (low, high) with 0 < low <= high, got {damping_bounds}")
-        uses_model = bool(damping_adaptation) or step_rule == "quadratic_model"
-        if uses_model:
+        if (damping_adaptation or step_rule == "quadratic_model"):
             try:
                 output_fisher_product(loss)
             except TypeError as exc:
                 raise ValueError(f"damping_adaptation and step_rule='quadratic_model' need the exact Fisher: {exc}") from None
-        self.fisher_loss = loss
+        fisher_loss = loss
         self.loss_name = loss if isinstance(loss, str) else None
         if isinstance(loss, str):
             if loss not in SAMPLED_LOSSES:
@@ -204,33 +188,8 @@ class KFAC(LayerwiseOptimizer):
         self.kl_clip = kl_clip
         if self.statistics_period < 1 or self.inverse_period < 1:
             raise ValueError("statistics_period and inverse_period must be at least 1")
-        self.damping_adaptation = bool(damping_adaptation)
-        self.damping_adaptation_period = int(damping_adaptation_period)
-        self.damping_bounds = (low, high)
-        self.step_rule = step_rule
-        self.damped_rho = bool(damped_rho)
-        self.quadratic_model_examples = None if quadratic_model_examples is None else int(quadratic_model_examples)
-        self.last_rho = float("nan")
-        self.last_step_coefficients = None
-        self.last_model_change = None
-        names = {p: name for name, p in model.named_parameters()}
-        self._parameter_names = [[names[p] for p in group["params"]] for group in self.param_groups]
-        if uses_model and _first_leaf(model) is not self.layers[0]:
-            raise ValueError(
-                "damping_adaptation and step_rule='quadratic_model' read the network input from the first "
-                "nn.Linear's captured input: the model must start with that layer (e.g. an nn.Sequential whose "
-                "first module is the first nn.Linear)."
-            )
-
-    @property
-    def damping(self) -> float:
-        """The current damping ε of the first parameter group (adapted when ``damping_adaptation``)."""
-        return self.param_groups[0]["damping"]
-
-    @property
-    def wants_minibatch_loss(self) -> bool:
-        """True when :meth:`step` needs ``minibatch_loss`` (damping adaptation measures ``L(θ+δ)``)."""
-        return self.damping_adaptation
+        self._init_quadratic_model(fisher_loss, step_rule, damping_adaptation, damping_adaptation_period, damping_bounds,
+                                   damped_rho, quadratic_model_examples)
 
     def needs_statistics(self) -> bool:
         return self.n_updates % self.statistics_period == 0
@@ -312,12 +271,6 @@ class KFAC(LayerwiseOptimizer):
             state["A_inverse"] = damped_inverse(a, pi * gamma, what=f"input factor of layer {k}")
             state["G_inverse"] = damped_inverse(g, gamma / pi, what=f"gradient factor of layer {k}")
 
-    def _not_compilable(self):
-        if self.step_rule == "quadratic_model":
-            return ("the quadratic-model step rule differentiates the network (forward-mode products) inside the step; "
-                    "compile the fixed rule only")
-        return None
-
     def _before_updates(self):
         first = self.state[self.layers[0].weight]
         if "A" not in first:
@@ -363,154 +316,17 @@ class KFAC(LayerwiseOptimizer):
         scale = torch.where(quadratic > self.kl_clip, (self.kl_clip / quadratic).sqrt(), torch.ones_like(quadratic))
         return [(dw * scale, db * scale) for dw, db in updates]
 
-    # -- Martens & Grosse's exact-Fisher quadratic model (§6.5, §7) ---------------------------------------------
-    @contextlib.contextmanager
-    def _hooks_off(self):
-        enabled = self.capture.enabled
-        self.capture.enabled = False
-        try:
-            yield
-        finally:
-            self.capture.enabled = enabled
-
-    def _evaluate_loss(self, minibatch_loss) -> torch.Tensor:
-        with self._hooks_off(), torch.no_grad():
-            value = minibatch_loss()
-        return torch.as_tensor(value).detach().reshape(())
-
-    def _current_quadratic_model(self, parameters=None) -> MinibatchQuadraticModel:
-        """The model ``M`` on the minibatch of this update (captured inputs and gradients), at the current θ."""
-        gradient = {}
-        for k, (group, (name_w, name_b)) in enumerate(zip(self.param_groups, self._parameter_names)):
-            h, g = self._captured(k)
-            gradient[name_w] = self._weight_gradient(group, h, g)
-            gradient[name_b] = g.sum(0)
-        inputs = self._captured(0)[0]
-        if self.quadratic_model_examples is not None:
-            inputs = inputs[:self.quadratic_model_examples]
-        return MinibatchQuadraticModel(self.model, inputs, gradient, self.fisher_loss, parameters=parameters)
-
-    def _damping_weights(self) -> dict[str, float]:
-        return {name: group["damping"] for group, names in zip(self.param_groups, self._parameter_names) for name in names}
-
-    def _quadratic_model_updates(self, updates):
-        """``δ = α Δ + μ δ₀`` with ``(α, μ)`` minimizing the exact-Fisher model (Martens & Grosse §7), on the device.
-
-        The model is minimized over the coefficients of the layer directions ``d = −Δ`` as returned (no negated
-        copy), so the coefficient found for ``d`` is ``−α``."""
-        direction, previous = {}, {}
-        for group, names, pair in zip(self.param_groups, self._parameter_names, updates):
-            for p, name, layer_direction in zip(group["params"], names, pair):
-                direction[name] = layer_direction
-                if "previous_update" in self.state[p]:
-                    previous[name] = self.state[p]["previous_update"]
-        directions = [direction] + ([previous] if len(previous) == len(direction) else [])
-        model = self._current_quadratic_model()
-        with self._hooks_off():
-            fisher_gram, euclidean_gram, gradient_dots = model.gram_matrices(directions, self._damping_weights())
-        coefficients = minimizing_coefficients(fisher_gram, euclidean_gram, gradient_dots, damping=1.0)
-        if self.kl_clip is not None:
-            fisher_norm = coefficients @ fisher_gram @ coefficients
-            clip = torch.where(fisher_norm > self.kl_clip, (self.kl_clip / fisher_norm).sqrt(), torch.ones_like(fisher_norm))
-            coefficients = coefficients * clip
-        self.last_model_change = model_change(coefficients, fisher_gram, euclidean_gram, gradient_dots,
-                                              damping=1.0 if self.damped_rho else 0.0)
-        mu = coefficients[1] if len(directions) == 2 else torch.zeros_like(coefficients[0])
-        self.last_step_coefficients = torch.stack([-coefficients[0], mu])  # [α, μ] of δ = αΔ + μδ₀
-        steps = []
-        for names in self._parameter_names:
-            pair = []
-            for name in names:
-                delta = direction[name] * coefficients[0]
-                if len(directions) == 2:
-                    delta = torch.addcmul(delta, previous[name], coefficients[1])
-                pair.append(delta)
-            steps.append(tuple(pair))
-        return steps
-
-    def _apply(self, group, pair, skip):
-        if self.step_rule != "quadratic_model":
-            return super()._apply(group, pair, skip)
-        # the quadratic-model rule: ``pair`` holds δ itself; remember it as the next update's δ₀
-        for p, delta in zip(group["params"], pair):
-            state = self.state[p]
-            if skip is not None:
-                delta.masked_fill_(skip, 0.0)
-            p.add_(delta)
-            if skip is None or "previous_update" not in state:
-                state["previous_update"] = delta
-            else:
-                state["previous_update"] = torch.where(skip, state["previous_update"], delta)
-
-    @torch.no_grad()
-    def step(self, closure=None, minibatch_loss=None, loss=None):
-        """One update. ``closure``: torch's (zero the gradients, forward, backward, return the loss).
-        ``minibatch_loss`` and ``loss``: see the class docstring (needed with ``damping_adaptation`` only)."""
-        if not self.damping_adaptation and self.step_rule == "fixed":
-            return super().step(closure)
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        measure = self.damping_adaptation and (self.n_updates + 1) % self.damping_adaptation_period == 0
-        loss_before = before = model = None
-        if measure:
-            if minibatch_loss is None:
-                raise ValueError(
-                    "KFAC(damping_adaptation=True) measures the loss after its update: call "
-                    "opt.step(minibatch_loss=lambda: loss_fn(model(x), y), loss=loss) (fso_lib.training.training_step does)."
-                )
-            loss_before = self._evaluate_loss(minibatch_loss) if loss is None else torch.as_tensor(loss).detach().reshape(())
-            if self.step_rule == "fixed":
-                before = {name: p.detach().clone() for group, names in zip(self.param_groups, self._parameter_names)
-                          for p, name in zip(group["params"], names)}
-                model = self._current_quadratic_model(parameters=before)
-        result = super().step(None if loss is None else (lambda: loss))
-        if measure:
-            self._adapt_damping(minibatch_loss, loss_before, before, model)
-        return result
-
-    def _adapt_damping(self, minibatch_loss, loss_before, before, model) -> None:
-        """Levenberg–Marquardt (Martens & Grosse §6.5): ρ on this update's minibatch, then ε scaled by ω₁^±1."""
-        if bool(self._diverged):  # the update was skipped as non-finite: nothing was measured
-            self.last_rho = float("nan")
-            return
-        if self.step_rule == "fixed":
-            delta = {name: p.detach() - before[name] for group, names in zip(self.param_groups, self._parameter_names)
-                     for p, name in zip(group["params"], names)}
-            with self._hooks_off():
-                fisher_gram, euclidean_gram, gradient_dots = model.gram_matrices([delta], self._damping_weights())
-            one = torch.ones(1, dtype=fisher_gram.dtype, device=fisher_gram.device)
-            self.last_model_change = model_change(one, fisher_gram, euclidean_gram, gradient_dots,
-                                                  damping=1.0 if self.damped_rho else 0.0)
-        loss_after = self._evaluate_loss(minibatch_loss)
-        predicted = self.last_model_change.to(loss_after.dtype)
-        rho, predicted_value = torch.stack([reduction_ratio(loss_before.to(loss_after.dtype), loss_after, predicted),
-                                            predicted]).tolist()  # the one host read of the measurement
-        self.last_rho = rho
-        for group in self.param_groups:
-            group["damping"] = levenberg_marquardt_damping(group["damping"], rho, self.damping_adaptation_period,
-                                                           self.damping_bounds, predicted_decrease=predicted_value < 0)
-
     def state_dict(self):
         sd = super().state_dict()
         sd["statistics_period"] = self.statistics_period
         sd["inverse_period"] = self.inverse_period
-        sd["last_rho"] = self.last_rho
         return sd
 
     def load_state_dict(self, state_dict):
         state_dict = dict(state_dict)
         self.statistics_period = int(state_dict.pop("statistics_period", self.statistics_period))
         self.inverse_period = int(state_dict.pop("inverse_period", self.inverse_period))
-        self.last_rho = float(state_dict.pop("last_rho", float("nan")))
         super().load_state_dict(state_dict)
-
-
-def _first_leaf(module: nn.Module) -> nn.Module:
-    """The module that ``module``'s forward pass (of an ``nn.Sequential``) applies first."""
-    while isinstance(module, nn.Sequential) and len(module) > 0:
-        module = module[0]
-    return module
 
 
 def kfac_product_order(n: int, n_in: int, n_out: int, weight_grads: bool) -> tuple[str, str]:

@@ -9,6 +9,7 @@ from ..layer_stats import UnsupportedLayerError
 from .acp import centered_preconditioned_update
 from .base import DivergenceError, LayerwiseOptimizer
 from .inverse import INVERSE_FORMS, CovarianceInverse
+from .quadratic_model import QuadraticModelSteps
 
 __all__ = ["WhitenedLinear", "whiten_model", "NaturalNeuralNetwork"]
 
@@ -102,7 +103,7 @@ def whiten_model(model: nn.Module) -> nn.Module:
     return model
 
 
-class NaturalNeuralNetwork(LayerwiseOptimizer):
+class NaturalNeuralNetwork(QuadraticModelSteps, LayerwiseOptimizer):
     """Projected natural gradient descent on whitened layers (Desjardins et al. 2015; Thesis §6.5.2).
 
     ``whitened_layers=True`` (default): the model's ``nn.Linear`` layers are replaced **in place** by
@@ -127,11 +128,19 @@ class NaturalNeuralNetwork(LayerwiseOptimizer):
 
     Hyperparameters: ``lr``; ``damping`` (ε added to the covariance before its inverse square root);
     ``amortization_period`` (N); ``momentum``. ``check_every``: see :class:`~fso_lib.optim.base.LayerwiseOptimizer`.
+
+    With ``whitened_layers=False``, Martens & Grosse's options too
+    (:class:`~fso_lib.optim.quadratic_model.QuadraticModelSteps`, off by default): ``step_rule="quadratic_model"``
+    (the step scaled and combined with the previous one by the exact-Fisher model; ``lr``, ``momentum`` ignored),
+    ``damping_adaptation`` (Levenberg–Marquardt on ε, which reaches the inverse at the next re-whitening), ``loss``.
     """
 
     def __init__(self, model: nn.Module, lr: float = 0.01, damping: float = 1e-2, amortization_period: int = 100,
                  momentum: float = 0.0, check_finite: bool = True, check_every: int | None = 1,
-                 whitened_layers: bool = True, weight_grads: bool = False, inverse_form: str = "auto"):
+                 whitened_layers: bool = True, weight_grads: bool = False, inverse_form: str = "auto",
+                 loss="squared_error", step_rule: str = "fixed", damping_adaptation: bool = False,
+                 damping_adaptation_period: int = 5, damping_bounds: tuple[float, float] = (1e-6, 1e4),
+                 damped_rho: bool = False, quadratic_model_examples: int | None = None):
         if damping <= 0:
             raise ValueError("damping must be positive")
         if inverse_form not in INVERSE_FORMS:
@@ -151,6 +160,8 @@ class NaturalNeuralNetwork(LayerwiseOptimizer):
         super().__init__(model, dict(lr=lr, damping=damping, momentum=momentum), check_finite=check_finite,
                          check_every=check_every, weight_grads=weight_grads)
         self.amortization_period = int(amortization_period)
+        self._init_quadratic_model(loss, step_rule, damping_adaptation, damping_adaptation_period, damping_bounds,
+                                   damped_rho, quadratic_model_examples)
 
     def _find_layers(self, model):
         if not self.whitened_layers:

@@ -39,6 +39,8 @@ __all__ = [
     "minimizing_coefficients",
     "reduction_ratio",
     "levenberg_marquardt_damping",
+    "QuadraticModelSteps",
+    "STEP_RULES",
 ]
 
 
@@ -222,3 +224,267 @@ def levenberg_marquardt_damping(damping: float, rho: float, period: int, bounds:
         damping = damping / omega
     low, high = bounds
     return min(max(damping, low), high)
+
+
+#: ``"fixed"``: the step is ``−lr · Δ`` (heavy-ball momentum where the optimizer has it); ``"quadratic_model"``:
+#: ``δ = α Δ + μ δ₀`` with ``(α, μ)`` minimizing the exact-Fisher model (Martens & Grosse §7).
+STEP_RULES = ("fixed", "quadratic_model")
+
+
+def _first_leaf(module: nn.Module) -> nn.Module:
+    """The module that ``module``'s forward pass (of an ``nn.Sequential``) applies first."""
+    while isinstance(module, nn.Sequential) and len(module) > 0:
+        module = module[0]
+    return module
+
+
+class QuadraticModelSteps:
+    """Martens & Grosse's use of the exact-Fisher model, for any :class:`~fso_lib.optim.base.LayerwiseOptimizer`
+    whose update is formed from the captured layer inputs and pre-activation gradients (K-FAC, ACP, the implicit
+    natural neural network). Mixed in before the base class; the subclass calls :meth:`_init_quadratic_model`
+    at the end of its constructor.
+
+    * ``step_rule="quadratic_model"`` (their §7): the step is ``δ = α Δ + μ δ₀`` with ``Δ = −P⁻¹∇`` the optimizer's
+      own preconditioned direction, ``δ₀`` the previous step, ``(α, μ)`` the minimizer of
+      ``M(δ) − M(0) = ½ δᵀ(F + εI)δ + ∇ᵀδ`` on the current minibatch (a 2×2 system solved on the device; the first
+      step, or one after ``δ₀`` was lost: ``μ = 0`` and ``α`` the line minimizer). ``lr`` and ``momentum`` are
+      then ignored. ``ε`` is each parameter group's ``damping`` (for ACP and the natural neural network, the same
+      Tikhonov ε that their blocks carry).
+    * ``damping_adaptation=True`` (their §6.5, Levenberg–Marquardt): every ``damping_adaptation_period`` (T₁)
+      updates, the reduction ratio ``ρ = (L(θ+δ) − L(θ)) / (M(δ) − M(0))`` on that update's minibatch moves ε by
+      ``ω₁ = (19/20)^T₁`` (up when ``ρ < 1/4``, down when ``ρ > 3/4``), within ``damping_bounds``. ``M`` is the
+      undamped model unless ``damped_rho``. The new ε enters the model at once and the optimizer's own
+      preconditioner at its next refresh. :meth:`step` then needs ``minibatch_loss`` (see
+      :meth:`fso_lib.optim.KFAC.step`; :func:`fso_lib.training.training_step` passes it).
+    * ``quadratic_model_examples``: estimate ``F`` on the first that many examples of the minibatch.
+    * ``loss``: the output Fisher ``D`` of the model's predictive distribution (a name of
+      :data:`OUTPUT_FISHER_PRODUCTS` or a :class:`fso_lib.losses.Loss`), used only by these options.
+
+    The model needs the network's input, read from the first ``nn.Linear``'s captured input: the model must start
+    with that layer. Logged: :attr:`last_rho`, :attr:`last_step_coefficients` (``[α, μ]``, device),
+    :attr:`last_model_change` (device). ``state_dict`` keeps ``δ₀``, ``last_rho`` and the adapted damping.
+    """
+
+    step_rule = "fixed"
+    damping_adaptation = False
+    last_rho = float("nan")
+    last_step_coefficients = None
+    last_model_change = None
+    kl_clip = None
+
+    def _init_quadratic_model(self, loss="squared_error", step_rule: str = "fixed", damping_adaptation: bool = False,
+                              damping_adaptation_period: int = 5, damping_bounds: tuple = (1e-6, 1e4),
+                              damped_rho: bool = False, quadratic_model_examples: int | None = None) -> None:
+        try:
+            self._set_quadratic_model_options(loss, step_rule, damping_adaptation, damping_adaptation_period,
+                                              damping_bounds, damped_rho, quadratic_model_examples)
+        except ValueError:
+            self.remove_hooks()  # a refused configuration leaves the model as it found it
+            raise
+
+    def _set_quadratic_model_options(self, loss, step_rule, damping_adaptation, damping_adaptation_period,
+                                     damping_bounds, damped_rho, quadratic_model_examples) -> None:
+        name = type(self).__name__
+        if step_rule not in STEP_RULES:
+            raise ValueError(f"step_rule must be one of {STEP_RULES}, got {step_rule!r}")
+        if int(damping_adaptation_period) < 1:
+            raise ValueError("damping_adaptation_period must be at least 1")
+        low, high = (float(b) for b in damping_bounds)
+        if not 0 < low <= high:
+            raise ValueError(f"damping_bounds must be (low, high) with 0 < low <= high, got {damping_bounds}")
+        if quadratic_model_examples is not None and int(quadratic_model_examples) < 1:
+            raise ValueError(f"quadratic_model_examples must be a positive number of examples or None, got {quadratic_model_examples}")
+        self.step_rule = step_rule
+        self.damping_adaptation = bool(damping_adaptation)
+        self.damping_adaptation_period = int(damping_adaptation_period)
+        self.damping_bounds = (low, high)
+        self.damped_rho = bool(damped_rho)
+        self.quadratic_model_examples = None if quadratic_model_examples is None else int(quadratic_model_examples)
+        self.fisher_loss = loss
+        names = {p: n for n, p in self.model.named_parameters()}
+        self._parameter_names = [[names[p] for p in group["params"]] for group in self.param_groups]
+        if not self.uses_quadratic_model:
+            return
+        try:
+            output_fisher_product(loss)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{name}: damping_adaptation and step_rule='quadratic_model' need the exact Fisher: {exc}") from None
+        if not (self.capture_inputs and self.capture_grads):
+            raise ValueError(f"{name}: damping_adaptation and step_rule='quadratic_model' need the captured layer inputs "
+                             "and gradients (for the natural neural network: whitened_layers=False).")
+        if _first_leaf(self.model) is not self.layers[0]:
+            raise ValueError(
+                f"{name}: damping_adaptation and step_rule='quadratic_model' read the network input from the first "
+                "nn.Linear's captured input: the model must start with that layer (e.g. an nn.Sequential whose "
+                "first module is the first nn.Linear)."
+            )
+
+    @property
+    def uses_quadratic_model(self) -> bool:
+        return self.damping_adaptation or self.step_rule == "quadratic_model"
+
+    @property
+    def damping(self) -> float:
+        """The current damping ε of the first parameter group (adapted when ``damping_adaptation``)."""
+        return self.param_groups[0]["damping"]
+
+    @property
+    def wants_minibatch_loss(self) -> bool:
+        """True when :meth:`step` needs ``minibatch_loss`` (damping adaptation measures ``L(θ+δ)``)."""
+        return self.damping_adaptation
+
+    def _not_compilable(self):
+        if self.step_rule == "quadratic_model":
+            return ("the quadratic-model step rule differentiates the network (forward-mode products) inside the step; "
+                    "compile the fixed rule only")
+        return super()._not_compilable()
+
+    @contextlib.contextmanager
+    def _hooks_off(self):
+        enabled = self.capture.enabled
+        self.capture.enabled = False
+        try:
+            yield
+        finally:
+            self.capture.enabled = enabled
+
+    def _evaluate_loss(self, minibatch_loss) -> torch.Tensor:
+        with self._hooks_off(), torch.no_grad():
+            value = minibatch_loss()
+        return torch.as_tensor(value).detach().reshape(())
+
+    def _current_quadratic_model(self, parameters=None) -> MinibatchQuadraticModel:
+        """The model ``M`` on the minibatch of this update (captured inputs and gradients), at the current θ."""
+        gradient = {}
+        for k, (group, (name_w, name_b)) in enumerate(zip(self.param_groups, self._parameter_names)):
+            h, g = self._captured(k)
+            gradient[name_w] = self._weight_gradient(group, h, g)
+            gradient[name_b] = g.sum(0)
+        inputs = self._captured(0)[0]
+        if self.quadratic_model_examples is not None:
+            inputs = inputs[:self.quadratic_model_examples]
+        return MinibatchQuadraticModel(self.model, inputs, gradient, self.fisher_loss, parameters=parameters)
+
+    def _damping_weights(self) -> dict[str, float]:
+        return {name: group["damping"] for group, names in zip(self.param_groups, self._parameter_names) for name in names}
+
+    def _scale_updates(self, updates):
+        if self.step_rule == "quadratic_model":
+            return self._quadratic_model_updates(updates)
+        return super()._scale_updates(updates)
+
+    def _quadratic_model_updates(self, updates):
+        """``δ = α Δ + μ δ₀`` with ``(α, μ)`` minimizing the exact-Fisher model (Martens & Grosse §7), on the device.
+
+        The model is minimized over the coefficients of the layer directions ``d = −Δ`` as returned (no negated
+        copy), so the coefficient found for ``d`` is ``−α``. With ``kl_clip`` (K-FAC) the step is then scaled so
+        that ``δᵀFδ ≤ kl_clip``."""
+        direction, previous = {}, {}
+        for group, names, pair in zip(self.param_groups, self._parameter_names, updates):
+            for p, name, layer_direction in zip(group["params"], names, pair):
+                direction[name] = layer_direction
+                if "previous_update" in self.state[p]:
+                    previous[name] = self.state[p]["previous_update"]
+        directions = [direction] + ([previous] if len(previous) == len(direction) else [])
+        model = self._current_quadratic_model()
+        with self._hooks_off():
+            fisher_gram, euclidean_gram, gradient_dots = model.gram_matrices(directions, self._damping_weights())
+        coefficients = minimizing_coefficients(fisher_gram, euclidean_gram, gradient_dots, damping=1.0)
+        if self.kl_clip is not None:
+            fisher_norm = coefficients @ fisher_gram @ coefficients
+            clip = torch.where(fisher_norm > self.kl_clip, (self.kl_clip / fisher_norm).sqrt(), torch.ones_like(fisher_norm))
+            coefficients = coefficients * clip
+        self.last_model_change = model_change(coefficients, fisher_gram, euclidean_gram, gradient_dots,
+                                              damping=1.0 if self.damped_rho else 0.0)
+        mu = coefficients[1] if len(directions) == 2 else torch.zeros_like(coefficients[0])
+        self.last_step_coefficients = torch.stack([-coefficients[0], mu])  # [α, μ] of δ = αΔ + μδ₀
+        steps = []
+        for names in self._parameter_names:
+            pair = []
+            for name in names:
+                delta = direction[name] * coefficients[0]
+                if len(directions) == 2:
+                    delta = torch.addcmul(delta, previous[name], coefficients[1])
+                pair.append(delta)
+            steps.append(tuple(pair))
+        return steps
+
+    def _apply(self, group, pair, skip):
+        if self.step_rule != "quadratic_model":
+            return super()._apply(group, pair, skip)
+        # the quadratic-model rule: ``pair`` holds δ itself; remember it as the next update's δ₀
+        for p, delta in zip(group["params"], pair):
+            state = self.state[p]
+            if skip is not None:
+                delta.masked_fill_(skip, 0.0)
+            p.add_(delta)
+            if skip is None or "previous_update" not in state:
+                state["previous_update"] = delta
+            else:
+                state["previous_update"] = torch.where(skip, state["previous_update"], delta)
+
+    def _forget_previous_step(self) -> None:
+        """Drop ``δ₀`` (after a change of coordinates, where the old step no longer means the same)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p].pop("previous_update", None)
+
+    @torch.no_grad()
+    def step(self, closure=None, minibatch_loss=None, loss=None):
+        """One update. ``closure``: torch's (zero the gradients, forward, backward, return the loss).
+        ``minibatch_loss`` (a function returning this update's minibatch loss at the current parameters, forward
+        only) and ``loss`` (``L(θ)`` of the training forward pass): needed with ``damping_adaptation`` only."""
+        if not self.uses_quadratic_model:
+            return super().step(closure)
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        measure = self.damping_adaptation and (self.n_updates + 1) % self.damping_adaptation_period == 0
+        loss_before = before = model = None
+        if measure:
+            if minibatch_loss is None:
+                raise ValueError(
+                    f"{type(self).__name__}(damping_adaptation=True) measures the loss after its update: call "
+                    "opt.step(minibatch_loss=lambda: loss_fn(model(x), y), loss=loss) (fso_lib.training.training_step does)."
+                )
+            loss_before = self._evaluate_loss(minibatch_loss) if loss is None else torch.as_tensor(loss).detach().reshape(())
+            if self.step_rule == "fixed":
+                before = {name: p.detach().clone() for group, names in zip(self.param_groups, self._parameter_names)
+                          for p, name in zip(group["params"], names)}
+                model = self._current_quadratic_model(parameters=before)
+        result = super().step(None if loss is None else (lambda: loss))
+        if measure:
+            self._adapt_damping(minibatch_loss, loss_before, before, model)
+        return result
+
+    def _adapt_damping(self, minibatch_loss, loss_before, before, model) -> None:
+        """Levenberg–Marquardt (Martens & Grosse §6.5): ρ on this update's minibatch, then ε scaled by ω₁^±1."""
+        if bool(self._diverged):  # the update was skipped as non-finite: nothing was measured
+            self.last_rho = float("nan")
+            return
+        if self.step_rule == "fixed":
+            delta = {name: p.detach() - before[name] for group, names in zip(self.param_groups, self._parameter_names)
+                     for p, name in zip(group["params"], names)}
+            with self._hooks_off():
+                fisher_gram, euclidean_gram, gradient_dots = model.gram_matrices([delta], self._damping_weights())
+            one = torch.ones(1, dtype=fisher_gram.dtype, device=fisher_gram.device)
+            self.last_model_change = model_change(one, fisher_gram, euclidean_gram, gradient_dots,
+                                                  damping=1.0 if self.damped_rho else 0.0)
+        loss_after = self._evaluate_loss(minibatch_loss)
+        predicted = self.last_model_change.to(loss_after.dtype)
+        rho, predicted_value = torch.stack([reduction_ratio(loss_before.to(loss_after.dtype), loss_after, predicted),
+                                            predicted]).tolist()  # the one host read of the measurement
+        self.last_rho = rho
+        for group in self.param_groups:
+            group["damping"] = levenberg_marquardt_damping(group["damping"], rho, self.damping_adaptation_period,
+                                                           self.damping_bounds, predicted_decrease=predicted_value < 0)
+
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["last_rho"] = self.last_rho
+        return sd
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        self.last_rho = float(state_dict.pop("last_rho", float("nan")))
+        super().load_state_dict(state_dict)
