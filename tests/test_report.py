@@ -79,6 +79,12 @@ def test_loss_at_reads_the_last_evaluation_before_x_on_either_axis():
     assert math.isnan(loss_at(run, 21, "updates"))  # the run did not last that long
     diverged = synthetic_run("kfac", 0, [0, 10], [0.0, 1.0], [40.0, math.nan], status="diverged")
     assert loss_at(diverged, 50, "updates") == math.inf
+    # a run stopped as diverged whose last evaluation is still finite (the optimizer kept the parameters from
+    # before the bad update): past its end it is diverged (inf), not "did not last that long" (NaN), on both axes
+    stopped = synthetic_run("kfac", 1, [0, 10], [0.0, 1.0], [40.0, 500.0], status="diverged")
+    assert loss_at(stopped, 10, "updates") == 500.0
+    assert loss_at(stopped, 11, "updates") == math.inf and loss_at(stopped, 2.0, "time") == math.inf
+    assert math.isnan(loss_at(run, 2.0, "time")) and math.isnan(loss_at(run, -1, "updates"))
 
 
 def test_bands_follow_the_requested_methods_and_count_seeds():

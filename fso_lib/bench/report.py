@@ -137,14 +137,18 @@ def plot_race(runs: list[Run], title: str | None = None, axes=None, log_y: bool 
 
 # ----------------------------------------------------------------------------- tables
 def loss_at_time(run: Run, seconds: float, which: str = "train") -> float:
-    """The loss at the last evaluation at or before ``seconds`` of training; NaN if the run stopped earlier
-    without reaching that time (it did not last that long), inf if it had diverged by then."""
-    y = getattr(run, which)
-    inside = run.times <= seconds
+    """The loss at the last evaluation at or before ``seconds`` of training; NaN before the first evaluation
+    and past the end of a run that stopped without diverging (it did not last that long); inf past the end of a
+    run that diverged (it stopped because it diverged), and where the evaluated loss itself is not finite."""
+    return _loss_at(run, run.times, getattr(run, which), seconds)
+
+
+def _loss_at(run: Run, xs: np.ndarray, y: np.ndarray, x: float) -> float:
+    inside = xs <= x
     if not inside.any():
         return math.nan
-    if run.times[-1] < seconds and run.status != "diverged":
-        return math.nan
+    if xs[-1] < x:  # past the run's last evaluation
+        return math.inf if run.status == "diverged" else math.nan
     value = y[inside][-1]
     return math.inf if not np.isfinite(value) else float(value)
 
@@ -260,16 +264,10 @@ def curve(run: Run, x_axis: str = "time", which: str = "train") -> tuple[np.ndar
 
 
 def loss_at(run: Run, x: float, x_axis: str = "time", which: str = "train") -> float:
-    """The loss at the last evaluation at or before ``x`` (seconds or updates); NaN if the run ended
-    before ``x`` without diverging, inf if it had diverged by then."""
+    """:func:`loss_at_time` on either axis: ``x`` in seconds (``x_axis="time"``) or updates (``"updates"``)."""
     if x_axis == "time":
         return loss_at_time(run, x, which)
-    xs, y = getattr(run, X_AXES[x_axis][0]), getattr(run, which)
-    inside = xs <= x
-    if not inside.any() or (xs[-1] < x and run.status != "diverged"):
-        return math.nan
-    value = y[inside][-1]
-    return math.inf if not np.isfinite(value) else float(value)
+    return _loss_at(run, getattr(run, X_AXES[x_axis][0]), getattr(run, which), x)
 
 
 @dataclass
