@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .base import DivergenceError, LayerwiseOptimizer, damped_inverse
-from .quadratic_model import STEP_RULES, QuadraticModelSteps, output_fisher_product
+from .quadratic_model import STEP_RULES, QuadraticModelSteps
 
 __all__ = ["KFAC", "SAMPLED_LOSSES", "STEP_RULES", "KFAC_THESIS_PROTOCOL", "THESIS_STATISTICS_MINIBATCH",
            "kfac_product_order"]
@@ -160,12 +160,7 @@ class KFAC(QuadraticModelSteps, LayerwiseOptimizer):
     ):
         if damping <= 0:
             raise ValueError("damping must be positive")
-        if (damping_adaptation or step_rule == "quadratic_model"):
-            try:
-                output_fisher_product(loss)
-            except TypeError as exc:
-                raise ValueError(f"damping_adaptation and step_rule='quadratic_model' need the exact Fisher: {exc}") from None
-        fisher_loss = loss
+        fisher_loss = loss  # the name or Loss object: the quadratic model's output Fisher (QuadraticModelSteps)
         self.loss_name = loss if isinstance(loss, str) else None
         if isinstance(loss, str):
             if loss not in SAMPLED_LOSSES:
