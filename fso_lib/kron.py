@@ -39,6 +39,7 @@ __all__ = [
     "factored_block",
     "APPROXIMATIONS",
     "relative_error",
+    "relative_errors_matrix_free",
 ]
 
 
@@ -147,6 +148,7 @@ APPROXIMATIONS = {
     "sum_of_kronecker": "(1/n) Σ_i A_i ⊗ B_i, eq. 6.3.2 (exact for the block)",
     "kfac": "(1/n Σ_i A_i) ⊗ (1/n Σ_i B_i), K-FAC's product of sums (§6.5.1)",
     "acp": "(1/n Σ_i A_i) ⊗ α I, the covariance-only factor of ACP (§6.3.2)",
+    "ekfac": "K-FAC's eigenbasis U_Ā ⊗ U_B̄ with the exact block's diagonal in it (George et al. 2018)",
 }
 
 
@@ -159,6 +161,11 @@ def factored_block(h: torch.Tensor, b_factors: torch.Tensor, kind: str = "sum_of
     of the ``B_i``: the α for which the ACP block has the trace of the *K-FAC* block ``Ā ⊗ B̄``. The
     exact block's trace, ``(1/n) Σ_i tr(A_i) tr(B_i)``, differs from it unless ``tr(B_i)`` does not
     depend on ``i``.
+
+    ``"ekfac"``: with ``Ā = U_A Λ_A U_Aᵀ`` and ``B̄ = U_B Λ_B U_Bᵀ`` (the K-FAC factors), the block
+    ``Q diag(s) Qᵀ``, ``Q = U_A ⊗ U_B``, ``s = diag(Qᵀ F Q)`` with ``F`` the exact block: the matrix diagonal in
+    K-FAC's eigenbasis that is closest to ``F`` in Frobenius norm. Computed from the per-example factors,
+    ``s[j, k] = (1/n) Σ_i (U_Aᵀ a_i)_j² (U_Bᵀ B_i U_B)_kk``, without forming ``F``.
     """
     if h.dim() != 2:
         raise ValueError(f"h must hold the layer inputs as an (n, n_in) matrix; got shape {tuple(h.shape)}.")
@@ -180,9 +187,47 @@ def factored_block(h: torch.Tensor, b_factors: torch.Tensor, kind: str = "sum_of
             alpha = float(torch.diagonal(b_factors, dim1=1, dim2=2).mean())
         eye = torch.eye(b_factors.shape[1], dtype=h.dtype, device=h.device)
         return kron(a_factor, alpha * eye)
+    if kind == "ekfac":
+        _, u_a = torch.linalg.eigh(a_factor)
+        _, u_b = torch.linalg.eigh(b_factors.mean(dim=0))
+        projected_inputs = (augment(h) @ u_a).square()                                 # (n, n_in+1)
+        projected_backward = torch.einsum("rk,nrs,sk->nk", u_b, b_factors, u_b)      # (n, n_out)
+        scales = projected_inputs.T @ projected_backward / n                          # s[j, k], thesis order j·n_out + k
+        basis = kron(u_a, u_b)
+        return (basis * scales.reshape(-1)) @ basis.T
     raise ValueError(f"Unknown approximation {kind!r}; choose one of {sorted(APPROXIMATIONS)}.")
 
 
 def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
     """``‖approx − exact‖_F / ‖exact‖_F``."""
     return float(torch.linalg.matrix_norm(approx - exact) / torch.linalg.matrix_norm(exact))
+
+
+def relative_errors_matrix_free(h: torch.Tensor, b_factors: torch.Tensor, alpha: float | None = None) -> dict[str, float]:
+    """``‖approx − F‖_F / ‖F‖_F`` for the ``"kfac"``, ``"acp"`` and ``"ekfac"`` blocks of :func:`factored_block`,
+    without forming any (n_in+1)·n_out square matrix: for layers whose block is too large to store.
+
+    With ``F = (1/n) Σ_i a_i a_iᵀ ⊗ B_i``: ``‖F‖² = (1/n²) Σ_ij (a_iᵀa_j)² ⟨B_i, B_j⟩``, ``⟨F, Ā ⊗ M⟩ =
+    (1/n) Σ_i (a_iᵀ Ā a_i) ⟨B_i, M⟩``, ``‖Ā ⊗ M‖² = ‖Ā‖² ‖M‖²``; for EKFAC's ``D = Q diag(s) Qᵀ`` with
+    ``s = diag(Qᵀ F Q)``, ``⟨F, D⟩ = ‖D‖² = ‖s‖²``, so ``‖F − D‖² = ‖F‖² − ‖s‖²`` (Pythagoras). ``alpha`` as in
+    :func:`factored_block`. Costs O(n² (n_in + n_out²)) for the Gram matrices."""
+    n, n_out = b_factors.shape[0], b_factors.shape[1]
+    ha = augment(h)
+    a_factor, b_mean = ha.T @ ha / n, b_factors.mean(dim=0)
+    b_flat = b_factors.reshape(n, -1)
+    exact_sq = float(((ha @ ha.T).square() * (b_flat @ b_flat.T)).sum()) / n ** 2
+    quadratic = torch.einsum("ni,ij,nj->n", ha, a_factor, ha)            # a_iᵀ Ā a_i
+    a_norm_sq = float(a_factor.square().sum())
+    if alpha is None:
+        alpha = float(torch.diagonal(b_factors, dim1=1, dim2=2).mean())
+    kfac_dot = float((quadratic * (b_flat @ b_mean.reshape(-1))).mean())
+    acp_dot = alpha * float((quadratic * torch.diagonal(b_factors, dim1=1, dim2=2).sum(1)).mean())
+    errors_sq = {
+        "kfac": exact_sq - 2 * kfac_dot + a_norm_sq * float(b_mean.square().sum()),
+        "acp": exact_sq - 2 * acp_dot + a_norm_sq * alpha ** 2 * n_out,
+    }
+    _, u_a = torch.linalg.eigh(a_factor)
+    _, u_b = torch.linalg.eigh(b_mean)
+    scales = (ha @ u_a).square().T @ torch.einsum("rk,nrs,sk->nk", u_b, b_factors, u_b) / n
+    errors_sq["ekfac"] = exact_sq - float(scales.square().sum())
+    return {kind: max(value, 0.0) ** 0.5 / exact_sq ** 0.5 for kind, value in errors_sq.items()}

@@ -224,11 +224,11 @@ def after_thesis_domains() -> dict[str, list]:
     """The search domains of EKFAC, Shampoo and SOAP, without ``init_scale`` (added to all).
 
     EKFAC: K-FAC's knobs (η, ε, μ, ``kl_clip`` off or log-uniform); its ε is added to the second moments in the
-    eigenbasis, not split as √ε over two factors, so its range starts lower. Shampoo: η, ε, μ; grafting is not
+    eigenbasis, not split as √ε over two factors (the probe that set the default preferred ε = 1). Shampoo: η, ε, μ; grafting is not
     searched (it changes the step's scale, hence the η range: one η range cannot serve all three) and stays at
     the registry's default. SOAP: η and Adam's ε, as for Adam (β₁, β₂ at Adam's defaults)."""
     return {
-        "ekfac": [Param("lr", 1e-3, 1.0, log=True), Param("damping", 1e-6, 1.0, log=True), MOMENTUM,
+        "ekfac": [Param("lr", 1e-3, 1.0, log=True), Param("damping", 1e-4, 10.0, log=True), MOMENTUM,
                   Param("kl_clip", 1e-4, 1.0, log=True, none_fraction=0.5)],
         "shampoo": [Param("lr", 1e-4, 0.3, log=True), Param("damping", 1e-8, 1e-2, log=True), MOMENTUM],
         "soap": [Param("lr", 1e-5, 1e-1, log=True), Param("eps", 1e-10, 1e-3, log=True)],

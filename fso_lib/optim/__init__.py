@@ -42,12 +42,15 @@ from .centered import CenteredSGD
 from .inverse import INVERSE_FORMS, CovarianceInverse, inverse_form
 from .kfac import KFAC, SAMPLED_LOSSES, kfac_product_order
 from .natural import NaturalNeuralNetwork, WhitenedLinear, whiten_model
+from .ekfac import EKFAC
+from .shampoo import GRAFTINGS, SOAP, Shampoo
 
 __all__ = [
     "ACP", "KFAC", "CenteredSGD", "NaturalNeuralNetwork", "WhitenedLinear", "whiten_model",
     "DivergenceError", "LayerwiseOptimizer", "damped_inverse", "needs_statistics", "check_divergence",
     "acp_product_order", "kfac_product_order", "CovarianceInverse", "INVERSE_FORMS", "inverse_form",
     "OptimizerSpec", "OPTIMIZERS", "make_optimizer", "prepare_model", "BIAS_UPDATES", "SAMPLED_LOSSES",
+    "EKFAC", "Shampoo", "SOAP", "GRAFTINGS",
 ]
 
 
@@ -128,6 +131,31 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
              "momentum": "heavy ball", "inverse_form": "'auto', 'dense' or 'woodbury' (fso_lib.optim.inverse)"},
             "§6.5.2 (Desjardins et al. 2015), whitening implicit: the updates of natural_nn on plain nn.Linear layers",
             uses_statistics=True),
+        # after the thesis (issue 14): defaults picked by a short probe instead (100 updates of the deep autoencoder,
+        # sparse init, on the 1,000-image sample, minibatch 100, one thread; a few values of lr and ε/eps each,
+        # final training error compared; EKFAC: lr ∈ {0.01, 0.03, 0.1, 0.3} × ε ∈ {1e-4 ... 1}, best ε = 1)
+        OptimizerSpec(
+            "ekfac", EKFAC, dict(lr=0.03, damping=1.0, momentum=0.9, statistics_period=10, eigenbasis_period=100,
+                                 scale_period=10),
+            {"lr": _LR, "damping": "ε added to the eigenbasis second moments s", "momentum": "heavy ball",
+             "loss": f"sampled loss: one of {sorted(SAMPLED_LOSSES)} or a callable",
+             "statistics_period": "updates between statistics passes (A, G)",
+             "eigenbasis_period": "updates between eigendecompositions of A and G",
+             "scale_period": "updates between re-estimates of s", "running_average": "weight of the past A, G and s",
+             "kl_clip": "None or the bound on lr²·⟨Δ, ∇⟩"},
+            "George et al. 2018 (after the thesis; K-FAC of §6.5.1 in its eigenbasis)", uses_statistics=True),
+        OptimizerSpec(
+            "shampoo", Shampoo, dict(lr=0.01, damping=1e-4, momentum=0.9, factor_decay=0.95, root_period=10,
+                                     grafting="none"),
+            {"lr": _LR, "damping": "ε added to L and R before the −1/4 powers", "momentum": "heavy ball",
+             "factor_decay": "β of the exponential averages of L, R (None: sums)", "root_period": "updates between roots",
+             "grafting": f"one of {GRAFTINGS}: the layer-wise norm of that method's step"},
+            "Gupta, Koren & Singer 2018 (after the thesis)"),
+        OptimizerSpec(
+            "soap", SOAP, dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, factor_decay=0.95, eigenbasis_period=10),
+            {"lr": _LR, "betas": "Adam's β₁, β₂ in the rotated coordinates", "eps": "Adam's ε",
+             "factor_decay": "β of the exponential averages of L, R", "eigenbasis_period": "updates between eigenbases"},
+            "Vyas et al. 2024 (after the thesis)"),
     ]
 }
 

@@ -1,0 +1,253 @@
+"""Shampoo (Gupta, Koren & Singer 2018) and SOAP (Vyas et al. 2024) for the book's MLPs.
+
+Both precondition the gradient ``Γ = ∇_{[W b]} L`` (n_out × n_in+1, torch's row-major ``[W b]`` layout) of
+each ``nn.Linear`` with two Kronecker factors built from past gradients, ``L = Σ Γ Γᵀ`` (n_out × n_out) and
+``R = Σ Γᵀ Γ`` (n_in+1 × n_in+1): the same left/right structure as K-FAC's ``G`` and ``A`` (thesis §6.5.1),
+but from minibatch gradients instead of per-example statistics of a sampled loss.
+
+They are :class:`~fso_lib.optim.base.LayerwiseOptimizer` s: ``Γ = gᵀ [h 1]`` is formed from the captured layer
+input ``h`` and pre-activation gradient ``g = ∂L/∂a`` (autograd's ``W.grad`` is not needed, as for K-FAC;
+``weight_grads=True`` uses it instead). No statistics minibatch. Their per-layer state (``L``, ``R``, moments) is
+committed only when the step is applied, so a step skipped as non-finite leaves it as it was.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import LayerwiseOptimizer
+from .ekfac import symmetric_eigenbasis
+
+__all__ = ["Shampoo", "SOAP", "GRAFTINGS", "matrix_inverse_root"]
+
+#: Shampoo's grafting options: the direction of Shampoo with the layer-wise norm of another method's step.
+GRAFTINGS = ("none", "sgd", "adam")
+
+
+def matrix_inverse_root(matrix: torch.Tensor, damping: float, root: int = 4, what: str = "matrix") -> torch.Tensor:
+    """``(matrix + damping · I)^(−1/root)`` of a symmetric positive semi-definite matrix, by ``eigh``
+    (eigenvalues clamped at 0 before the damping, against round-off)."""
+    values, vectors = symmetric_eigenbasis(matrix, what)
+    powers = (values.clamp_min(0.0) + damping).pow(-1.0 / root)
+    return (vectors * powers) @ vectors.T
+
+
+class _KroneckerStatistics(LayerwiseOptimizer):
+    """What Shampoo and SOAP share: ``Γ`` from the captured statistics, the factors ``L``, ``R`` and the
+    deferred commit of the per-layer state."""
+
+    forms_weight_gradient = True
+
+    def __init__(self, model: nn.Module, defaults: dict, factor_decay: float | None, check_finite: bool,
+                 weight_grads: bool, check_every: int | None):
+        if factor_decay is not None and not 0.0 <= float(factor_decay) < 1.0:
+            raise ValueError(f"factor_decay must be None (sums, as in Shampoo) or in [0, 1), got {factor_decay}")
+        super().__init__(model, defaults, check_finite=check_finite, weight_grads=weight_grads, check_every=check_every)
+        self.factor_decay = None if factor_decay is None else float(factor_decay)
+        self._pending = {}
+
+    def _gradient(self, group: dict, h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """``Γ = ∇_{[W b]} L = gᵀ [h 1]`` (n_out × n_in+1)."""
+        weight, bias = group["params"]
+        if self.weight_grads:
+            return torch.cat([weight.grad, bias.grad[:, None]], dim=1)
+        return torch.cat([g.T @ h, g.sum(0)[:, None]], dim=1)
+
+    def _new_factors(self, state: dict, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``L ← β L + (1 − β) Γ Γᵀ``, ``R ← β R + (1 − β) Γᵀ Γ`` (sums when ``factor_decay`` is None); not stored."""
+        left, right = grad @ grad.T, grad.T @ grad
+        if "L" not in state:
+            return left, right
+        beta = self.factor_decay
+        if beta is None:
+            return state["L"] + left, state["R"] + right
+        return state["L"] * beta + left * (1 - beta), state["R"] * beta + right * (1 - beta)
+
+    def _refresh_due(self, period: int) -> bool:
+        return self.n_updates % period == 0 or "L" not in self.state[self.layers[0].weight]
+
+    def _apply(self, group, pair, skip):
+        # commit this layer's new state (a skipped step keeps the old one), then the usual p ← p − lr · direction
+        state = self.state[group["params"][0]]
+        for key, value in self._pending.pop(group["layer"], {}).items():
+            if skip is None or key not in state or not isinstance(value, torch.Tensor):
+                state[key] = value
+            else:
+                state[key] = torch.where(skip, state[key], value)
+        super()._apply(group, pair, skip)
+
+
+class Shampoo(_KroneckerStatistics):
+    """Shampoo for MLPs (Gupta, Koren & Singer 2018), one Kronecker-factored preconditioner per layer.
+
+    Per layer and update, with ``Γ`` the gradient of ``[W b]``::
+
+        L ← β L + (1 − β) Γ Γᵀ,   R ← β R + (1 − β) Γᵀ Γ        (factor_decay β; None: plain sums, as the paper)
+        Δ = (L + εI)^(−1/4) Γ (R + εI)^(−1/4)                  (ε = damping)
+
+    In the column-stacked ``vec`` of the thesis this is ``((R + εI) ⊗ (L + εI))^(−1/4) vec Γ``: the Kronecker
+    product's fourth root, i.e. the square root of the inverse of a Kronecker approximation of the gradients'
+    second moment ``Σ vec Γ vec Γᵀ`` (full-matrix AdaGrad's ``H^(−1/2)``; Gupta et al. bound that matrix by
+    ``(L ⊗ R)^(1/2)`` up to a rank factor, hence the −1/4 on each side).
+
+    * ``root_period``: the inverse fourth roots are recomputed (``eigh`` of each factor, including the current
+      update's gradient) every that many updates; the factors themselves are updated at every step.
+    * ``grafting``: ``"none"`` (the direction Δ itself), ``"sgd"`` (Δ rescaled to the layer-wise Frobenius norm of
+      ``Γ``), or ``"adam"`` (Δ rescaled to the norm of ``Γ / (√v̂ + graft_eps)`` with ``v`` the exponential average
+      of ``Γ²`` with weight ``graft_beta2`` and its bias correction: the diagonal second-moment normalization of
+      Adam without its first moment, as grafting in distributed Shampoo uses it; momentum is applied afterwards).
+      The norms are those of the whole layer, ``[W b]`` together.
+    * ``momentum``: heavy-ball momentum on the (grafted) direction; the step is ``−lr · buffer``.
+
+    Only the book's MLPs (``nn.Linear`` layers with bias, parameter-free activations); the factors and roots are
+    in the state and round-trip through ``state_dict``.
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 0.01, damping: float = 1e-4, momentum: float = 0.9,
+                 factor_decay: float | None = 0.95, root_period: int = 10, grafting: str = "none",
+                 graft_beta2: float = 0.999, graft_eps: float = 1e-8, check_finite: bool = True,
+                 weight_grads: bool = False, check_every: int | None = 1):
+        if damping <= 0:
+            raise ValueError(f"damping must be positive (it keeps (L + εI)^(-1/4) finite), got {damping}")
+        if grafting not in GRAFTINGS:
+            raise ValueError(f"grafting must be one of {GRAFTINGS}, got {grafting!r}")
+        if int(root_period) < 1:
+            raise ValueError(f"root_period must be at least 1, got {root_period}")
+        if not 0.0 <= float(graft_beta2) < 1.0:
+            raise ValueError(f"graft_beta2 must be in [0, 1), got {graft_beta2}")
+        super().__init__(model, dict(lr=lr, damping=damping, momentum=momentum), factor_decay, check_finite,
+                         weight_grads, check_every)
+        self.root_period = int(root_period)
+        self.grafting = grafting
+        self.graft_beta2 = float(graft_beta2)
+        self.graft_eps = float(graft_eps)
+        self._refresh_roots = False
+
+    def _before_updates(self):
+        self._refresh_roots = self._refresh_due(self.root_period)
+
+    def _layer_update(self, k, group, h, g):
+        weight = group["params"][0]
+        state = self.state[weight]
+        n_in = h.shape[1]
+        grad = self._gradient(group, h, g)
+        left, right = self._new_factors(state, grad)
+        pending = {"L": left, "R": right}
+        if self._refresh_roots:
+            eps = group["damping"]
+            pending["L_root"] = matrix_inverse_root(left, eps, 4, f"left factor of layer {k}")
+            pending["R_root"] = matrix_inverse_root(right, eps, 4, f"right factor of layer {k}")
+        left_root = pending.get("L_root", state.get("L_root"))
+        right_root = pending.get("R_root", state.get("R_root"))
+        direction = left_root @ grad @ right_root
+        if self.grafting == "sgd":
+            direction = direction * (torch.linalg.matrix_norm(grad) / torch.linalg.matrix_norm(direction).clamp_min(1e-30))
+        elif self.grafting == "adam":
+            beta2 = self.graft_beta2
+            steps = state.get("graft_steps", torch.zeros((), dtype=grad.dtype, device=grad.device)) + 1
+            second = grad.square() * (1 - beta2)
+            if "graft_second_moment" in state:
+                second = second + state["graft_second_moment"] * beta2
+            corrected = second / (1 - beta2 ** steps)
+            grafted = grad / (corrected.sqrt() + self.graft_eps)
+            direction = direction * (torch.linalg.matrix_norm(grafted) / torch.linalg.matrix_norm(direction).clamp_min(1e-30))
+            pending["graft_second_moment"], pending["graft_steps"] = second, steps
+        self._pending[group["layer"]] = pending
+        return direction[:, :n_in], direction[:, n_in]
+
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["root_period"] = self.root_period
+        return sd
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        self.root_period = int(state_dict.pop("root_period", self.root_period))
+        super().load_state_dict(state_dict)
+
+
+class SOAP(_KroneckerStatistics):
+    """SOAP for MLPs (Vyas et al. 2024): Adam run in the eigenbasis of Shampoo's factors, one basis per layer.
+
+    Per layer and update, with ``Γ`` the gradient of ``[W b]``, ``L``, ``R`` exponential averages of ``Γ Γᵀ`` and
+    ``Γᵀ Γ`` (weight ``factor_decay``) and ``L = Q_L Λ_L Q_Lᵀ``, ``R = Q_R Λ_R Q_Rᵀ``::
+
+        Γ' = Q_Lᵀ Γ Q_R
+        m ← β₁ m + (1 − β₁) Γ',   v ← β₂ v + (1 − β₂) Γ'²          (Adam's moments, in the rotated coordinates)
+        Δ = Q_L [ m̂ / (√v̂ + ε) ] Q_Rᵀ,  m̂ = m / (1 − β₁ᵗ),  v̂ = v / (1 − β₂ᵗ)      (ε = eps)
+
+    and the step is ``−lr · Δ`` (no heavy ball: β₁ is the momentum). In the thesis's ``vec`` the rotation is
+    ``Q = Q_R ⊗ Q_L``, the eigenbasis of Shampoo's ``R ⊗ L``; Adam's diagonal ``v`` there is the analogue of
+    EKFAC's re-estimated diagonal, with minibatch gradients in place of per-example ones.
+
+    ``eigenbasis_period``: ``Q_L``, ``Q_R`` recomputed by ``eigh`` (of the factors including the current
+    gradient) every that many updates; the factors are updated every step. **Across a basis change**
+    (``P_L = Q_L,newᵀ Q_L,old``, ``P_R`` alike): the first moment is linear in the gradients, so it is rotated
+    exactly, ``m ← P_L m P_Rᵀ``; the second moment is not (the exact second moments in the new basis would need
+    the full covariance, which SOAP never stores), so ``v`` is taken as the diagonal covariance ``diag(v)`` in
+    the old basis and its diagonal in the new one is kept: ``v ← (P_L∘P_L) v (P_R∘P_R)ᵀ`` (``∘`` elementwise).
+    That is exact when the old basis diagonalized the gradients' second moment, keeps ``v ≥ 0`` and its sum (the
+    rows of ``P∘P`` sum to one), and reduces to "keep ``v``" when the basis did not move. The step count ``t`` of
+    the bias corrections is not reset. (Vyas et al.'s code keeps ``v`` as is, reordered by the eigenvalue
+    estimates; with ``eigh`` the order is that of the eigenvalues already.)
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 3e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, factor_decay: float = 0.95, eigenbasis_period: int = 10,
+                 check_finite: bool = True, weight_grads: bool = False, check_every: int | None = 1):
+        beta1, beta2 = (float(b) for b in betas)
+        if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        if eps <= 0:
+            raise ValueError(f"eps must be positive, got {eps}")
+        if factor_decay is None:
+            raise ValueError("SOAP averages its factors: factor_decay must be in [0, 1), not None")
+        if int(eigenbasis_period) < 1:
+            raise ValueError(f"eigenbasis_period must be at least 1, got {eigenbasis_period}")
+        super().__init__(model, dict(lr=lr, betas=(beta1, beta2), eps=eps, momentum=0.0), factor_decay,
+                         check_finite, weight_grads, check_every)
+        self.eigenbasis_period = int(eigenbasis_period)
+        self._refresh_basis = False
+
+    def _before_updates(self):
+        self._refresh_basis = self._refresh_due(self.eigenbasis_period)
+
+    def _layer_update(self, k, group, h, g):
+        weight = group["params"][0]
+        state = self.state[weight]
+        n_in = h.shape[1]
+        beta1, beta2 = group["betas"]
+        grad = self._gradient(group, h, g)
+        left, right = self._new_factors(state, grad)
+        pending = {"L": left, "R": right}
+        first, second = state.get("exp_avg"), state.get("exp_avg_sq")
+        q_left, q_right = state.get("Q_L"), state.get("Q_R")
+        if self._refresh_basis:
+            _, new_left = symmetric_eigenbasis(left, f"left factor of layer {k}")
+            _, new_right = symmetric_eigenbasis(right, f"right factor of layer {k}")
+            if first is not None:
+                turn_left, turn_right = new_left.T @ q_left, new_right.T @ q_right
+                first = turn_left @ first @ turn_right.T
+                second = turn_left.square() @ second @ turn_right.square().T
+            q_left, q_right = pending["Q_L"], pending["Q_R"] = new_left, new_right
+        rotated = q_left.T @ grad @ q_right
+        steps = state.get("step", torch.zeros((), dtype=grad.dtype, device=grad.device)) + 1
+        if first is None:
+            first, second = torch.zeros_like(rotated), torch.zeros_like(rotated)
+        first = first * beta1 + rotated * (1 - beta1)
+        second = second * beta2 + rotated.square() * (1 - beta2)
+        adam = (first / (1 - beta1 ** steps)) / ((second / (1 - beta2 ** steps)).sqrt() + group["eps"])
+        direction = q_left @ adam @ q_right.T
+        pending.update(exp_avg=first, exp_avg_sq=second, step=steps)
+        self._pending[group["layer"]] = pending
+        return direction[:, :n_in], direction[:, n_in]
+
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["eigenbasis_period"] = self.eigenbasis_period
+        return sd
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        self.eigenbasis_period = int(state_dict.pop("eigenbasis_period", self.eigenbasis_period))
+        super().load_state_dict(state_dict)
