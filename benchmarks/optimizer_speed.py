@@ -73,6 +73,10 @@ CONFIGS = {
     # the same rule offered to ACP and the implicit natural neural network (fso_lib.bench methods *_quadratic_model)
     "acp_quadratic_model": ("acp", dict(amortization_period=100, step_rule="quadratic_model")),
     "natural_nn_quadratic_model": ("natural_nn_implicit", dict(amortization_period=100, step_rule="quadratic_model")),
+    # after the thesis (issue 14), with the registry's defaults (EKFAC: K-FAC's schedule, s re-estimated every 10)
+    "ekfac": ("ekfac", dict()),
+    "shampoo": ("shampoo", dict()),
+    "soap": ("soap", dict()),
     # fso_lib.optim.kfac.KFAC_THESIS_PROTOCOL: statistics and inverses every 100 updates, no running average
     "kfac_thesis_protocol": ("kfac", dict(lr=0.01, statistics_period=100, inverse_period=100, running_average=0.0)),
 }

@@ -111,12 +111,13 @@ CHAPTER6_METHODS = {
     "natural_nn": "natural neural network",
 }
 
-#: Every method of the race: the thesis's eight, Adam, SGD + momentum, and the thesis-protocol K-FAC.
+#: Every method of the race: the thesis's eight, Adam, SGD + momentum, the thesis-protocol K-FAC, ACP and the natural
+#: neural network with Martens & Grosse's quadratic-model step (issue 12), and EKFAC, Shampoo and SOAP (issue 14).
 #: The natural neural network is raced in its implicit form: the same updates as ``natural_nn`` (tested equal in
 #: float64, tests/test_inverse.py) without the whitened layers' extra GEMMs in the forward and backward passes.
 RACE_METHODS = ("sgd", "sgd_momentum", "adam", "centered_gd", "mean_only_batchnorm", "batchnorm", "acp",
                 "acp_fixed_alpha", "kfac", "kfac_thesis", "natural_nn_implicit", "acp_quadratic_model",
-                "natural_nn_quadratic_model")
+                "natural_nn_quadratic_model", "ekfac", "shampoo", "soap")
 
 
 def _chapter6_build(name: str):
@@ -226,11 +227,11 @@ def after_thesis_domains() -> dict[str, list]:
     EKFAC: K-FAC's knobs (η, ε, μ, ``kl_clip`` off or log-uniform); its ε is added to the second moments in the
     eigenbasis, not split as √ε over two factors (the probe that set the default preferred ε = 1). Shampoo: η, ε, μ; grafting is not
     searched (it changes the step's scale, hence the η range: one η range cannot serve all three) and stays at
-    the registry's default. SOAP: η and Adam's ε, as for Adam (β₁, β₂ at Adam's defaults)."""
+    the registry's default, Adam grafting, so η gets Adam's range. SOAP: η and Adam's ε, as for Adam (β₁, β₂ at Adam's defaults)."""
     return {
         "ekfac": [Param("lr", 1e-3, 1.0, log=True), Param("damping", 1e-4, 10.0, log=True), MOMENTUM,
                   Param("kl_clip", 1e-4, 1.0, log=True, none_fraction=0.5)],
-        "shampoo": [Param("lr", 1e-4, 0.3, log=True), Param("damping", 1e-8, 1e-2, log=True), MOMENTUM],
+        "shampoo": [Param("lr", 1e-5, 1e-1, log=True), Param("damping", 1e-8, 1e-2, log=True), MOMENTUM],
         "soap": [Param("lr", 1e-5, 1e-1, log=True), Param("eps", 1e-10, 1e-3, log=True)],
     }
 
