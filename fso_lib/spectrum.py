@@ -24,8 +24,10 @@ preconditioned method sees it — is one more symmetric operator for :func:`lanc
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -36,7 +38,7 @@ from .curvature import ParameterLayout
 __all__ = [
     "LanczosResult", "lanczos", "NonSymmetricOperatorError",
     "KroneckerBlock", "KroneckerPreconditioner", "preconditioned_operator",
-    "kfac_preconditioner", "acp_preconditioner", "acp_input_factor", "layer_blocks",
+    "kfac_preconditioner", "acp_preconditioner", "acp_input_factor", "layer_blocks", "read_spectrum_log",
 ]
 
 WHICH = ("largest", "magnitude")
@@ -58,6 +60,11 @@ class LanczosResult:
     converged: bool
     alphas: torch.Tensor
     betas: torch.Tensor
+    basis: torch.Tensor | None = None
+
+    def tridiagonal(self) -> torch.Tensor:
+        """``T_m`` (float64): ``alphas`` on the diagonal, ``betas[:-1]`` beside it."""
+        return _tridiagonal(self.alphas.tolist(), self.betas.tolist())
 
     def as_dict(self) -> dict:
         """Plain numbers (for a JSON line)."""
@@ -105,6 +112,7 @@ def lanczos(
     operator_dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    keep_basis: bool = False,
 ) -> LanczosResult:
     """The ``k`` largest eigenvalues (``which="largest"``) or the ``k`` largest in magnitude (``"magnitude"``)
     of the symmetric operator ``v ↦ matvec(v)`` on vectors of ``dimension`` entries.
@@ -116,7 +124,8 @@ def lanczos(
     spends one more product on the test ``|uᵀ A q₁ − q₁ᵀ A u| ≤ symmetry_tol · (‖A u‖ + ‖A q₁‖)`` with a second
     random unit ``u`` (``n_products`` counts it) and raises :class:`NonSymmetricOperatorError` when it fails. ``operator_dtype``: the dtype ``matvec``
     takes (e.g. float32 for a network in float32); the Lanczos vectors themselves stay float64.
-    ``callback(j, ritz_values, residuals)`` is called after each product (for progress logs).
+    ``callback(n_products, ritz_values, residuals)`` is called after each product (for progress logs) with the
+    wanted Ritz values so far. ``keep_basis``: return ``Q_m`` (rows ``q_1 … q_m``, float64) as ``basis``.
     """
     if which not in WHICH:
         raise ValueError(f"which must be one of {WHICH}, got {which!r}")
@@ -220,7 +229,8 @@ def lanczos(
         eigenvectors = basis.T @ vectors[:, order]
     # betas holds β_1 … β_m; the last one couples to the next (unbuilt) vector
     return LanczosResult(values[order].clone(), residuals[order].clone(), eigenvectors, n_products, converged,
-                         torch.tensor(alphas, dtype=torch.float64), torch.tensor(betas, dtype=torch.float64))
+                         torch.tensor(alphas, dtype=torch.float64), torch.tensor(betas, dtype=torch.float64),
+                         basis if keep_basis else None)
 
 
 # -- Kronecker-factored preconditioners ----------------------------------------------------------------------
@@ -393,3 +403,34 @@ def acp_preconditioner(optimizer, layout: ParameterLayout, means: Sequence[torch
         output_factor = torch.eye(shape[0], dtype=torch.float64)
         blocks.append(KroneckerBlock(weight, bias, shape, input_factor, output_factor))
     return KroneckerPreconditioner(blocks, layout.size)
+
+
+# -- reading scripts/autoencoder_spectrum.py's log ----------------------------------------------------------------
+
+
+def read_spectrum_log(path: str | Path) -> dict:
+    """The records of ``spectrum.jsonl`` (scripts/autoencoder_spectrum.py), grouped: ``header`` (the last one),
+    ``training[(method, update, matrix)]``, ``eos[lr]`` (the measurements of the finished attempt, by step; an
+    attempt that a restart abandoned is dropped), ``eos_diverged`` (lrs whose run diverged),
+    ``preconditioned[operator]``, ``training_config[method]``."""
+    records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    out = {"header": None, "training": {}, "eos": {}, "eos_diverged": set(), "preconditioned": {},
+           "training_config": {}}
+    finished = {r["lr"]: r["attempt"] for r in records if r.get("kind") == "eos_done"}
+    for r in records:
+        kind = r.get("kind")
+        if kind == "header":
+            out["header"] = r
+        elif kind == "training":
+            out["training"][(r["method"], r["update"], r["matrix"])] = r
+        elif kind == "training_config":
+            out["training_config"][r["method"]] = r
+        elif kind == "eos" and finished.get(r["lr"]) == r["attempt"]:
+            out["eos"].setdefault(r["lr"], []).append(r)
+        elif kind == "eos_diverged" and finished.get(r["lr"]) == r["attempt"]:
+            out["eos_diverged"].add(r["lr"])
+        elif kind == "preconditioned":
+            out["preconditioned"][r["operator"]] = r
+    for lr in out["eos"]:
+        out["eos"][lr].sort(key=lambda r: r["step"])
+    return out

@@ -47,7 +47,7 @@ LOSS = SquaredError()
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "data/results/spectrum"))
-    p.add_argument("--stages", default="training,preconditioned,eos")
+    p.add_argument("--stages", default="training,eos,preconditioned", help="comma-separated, run in this order")
     p.add_argument("--curvature-images", type=int, default=1000)
     p.add_argument("--points", default="0,500,3000")
     p.add_argument("--methods", default="sgd,acp")
@@ -279,12 +279,12 @@ def main(argv=None) -> None:
                "curvature_batch": f"training images 0..{args.curvature_images - 1}",
                "loss": "squared error summed over the 784 pixels, mean over images"})
     stages = args.stages.split(",")
-    if "training" in stages:
-        run_training(log, args, data)
-    if "eos" in stages:
-        run_eos(log, args, data)
-    if "preconditioned" in stages:
-        run_preconditioned(log, args, data)
+    runners = {"training": run_training, "eos": run_eos, "preconditioned": run_preconditioned}
+    unknown = set(stages) - set(runners)
+    if unknown:
+        raise SystemExit(f"unknown stages {sorted(unknown)}; choose among {sorted(runners)}")
+    for stage in stages:  # in the order given
+        runners[stage](log, args, data)
     log.write({"kind": "end", "stages": stages, "cpu_s_total": time.process_time()})
 
 
