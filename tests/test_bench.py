@@ -48,6 +48,21 @@ def test_records_header_evals_and_end(tmp_path):
     assert run_paths(tmp_path, result.name)[1].exists()  # the checkpoint
 
 
+def test_a_run_flushes_denormals_and_gives_torch_its_default_back(tmp_path, monkeypatch):
+    calls = []
+    real = torch.set_flush_denormal
+    monkeypatch.setattr(torch, "set_flush_denormal", lambda mode: calls.append(mode) or real(mode))
+    result = run(small("sgd", hyperparameters={"lr": 0.1}, max_updates=10), tmp_path)
+    assert calls == [True, False]  # on for the run, torch's default (off) afterwards
+    assert read_records(result.results_path)[0]["config"]["flush_denormal"] is True
+    run(small("sgd", hyperparameters={"lr": 0.1}, max_updates=10, flush_denormal=False, name="kept"), tmp_path)
+    assert calls[2:] == [False, False]
+    if real(True):  # the CPU supports it: a denormal input is read as zero
+        assert float(torch.tensor([1e-39]) * 1.0) == 0.0
+    real(False)
+    assert float(torch.tensor([1e-39]) * 1.0) > 0.0
+
+
 def test_time_budget_stops_the_run(tmp_path):
     result = run(small(max_seconds=0.3, eval_every=1000), tmp_path)
     assert result.status == "completed" and 0.3 <= result.seconds < 3.0 and result.updates > 0

@@ -76,6 +76,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--note", default="", help="free text stored in the header (e.g. how many runs shared the device)")
     p.add_argument("--resume", action="store_true", help="continue from the run's checkpoint if there is one")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--keep-denormals", action="store_true",
+                   help="CPU: compute with denormal floats instead of flushing them to zero (slower; see RunConfig.flush_denormal)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the step (mode reduce-overhead: CUDA graphs on a GPU; needs a C++ compiler on a CPU)")
     return p
@@ -111,7 +113,8 @@ def main(argv=None) -> int:
         eval_schedule=args.eval_schedule, train_eval_size=args.train_eval_size,
         test_eval_size=args.test_eval_size, seed=args.seed, device=args.device,
         dataset=args.dataset, sample=True if args.sample else None, divergence_factor=args.divergence_factor,
-        name=args.name, note=args.note, progress=not args.quiet, compile=args.compile)
+        name=args.name, note=args.note, progress=not args.quiet, compile=args.compile,
+        flush_denormal=not args.keep_denormals)
     result = run(config, args.out, resume=args.resume)
     print(f"{result.name}: {result.status} after {result.updates} updates, {result.seconds:.1f} s; "
           f"train loss {result.train_loss:.4g}, test loss {result.test_loss:.4g} -> {result.results_path}")

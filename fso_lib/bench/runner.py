@@ -69,6 +69,11 @@ class RunConfig:
     note: str = ""  # free text kept in the header (e.g. "4 runs shared this GPU")
     progress: bool = True
     compile: bool = False  # torch.compile the step (mode "reduce-overhead": CUDA graphs on a GPU); see make_step
+    # CPU: flush denormal floats (magnitude below 1.2e-38) to zero during the run. A saturated sigmoid network makes
+    # them by the million, and each costs a CPU many cycles: a stuck K-FAC run took 1.4 s per update with them and
+    # 0.13 s without, with the same losses. Results change only in values that small; torch's default (off) is
+    # restored when the run ends. No effect on a GPU.
+    flush_denormal: bool = True
 
     def __post_init__(self):
         if self.max_updates is None and self.max_seconds is None:
@@ -581,6 +586,14 @@ def run(config: RunConfig, out_dir: str | Path, resume: bool = False, task=None)
     may be extended, nothing else may change. ``task`` (from :func:`make_task`) may be passed to share
     loaded data between runs in one process.
     """
+    torch.set_flush_denormal(config.flush_denormal)
+    try:
+        return _run(config, out_dir, resume, task)
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def _run(config: RunConfig, out_dir: str | Path, resume: bool, task) -> RunResult:
     state = Run(config, out_dir, task)
     try:
         if resume and state.checkpoint_path.exists():
