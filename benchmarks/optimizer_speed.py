@@ -135,6 +135,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # as every benchmark run does (fso_lib.bench.RunConfig.flush_denormal)
     names = args.only.split(",") if args.only else list(CONFIGS)
     if "sgd" not in names:
         names.insert(0, "sgd")
@@ -236,7 +237,7 @@ def main(argv=None):
             "machine": machine_description(),
             "threads": torch.get_num_threads(),
             "batch": args.batch, "window": args.window, "rounds": args.rounds, "warmup": args.warmup,
-            "before_commit": args.before, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "before_commit": args.before, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "flush_denormal": True,
             "load_average_1min": {"before": load_before[0], "after": load_after[0]},
             "units": "milliseconds per update; ratios are median over rounds of (amortized ms / SGD's amortized ms)",
             "results": results,
