@@ -39,6 +39,7 @@ __all__ = [
     "LanczosResult", "lanczos", "NonSymmetricOperatorError",
     "KroneckerBlock", "KroneckerPreconditioner", "preconditioned_operator",
     "kfac_preconditioner", "acp_preconditioner", "acp_input_factor", "layer_blocks", "read_spectrum_log",
+    "hutchinson_trace",
 ]
 
 WHICH = ("largest", "magnitude")
@@ -233,6 +234,23 @@ def lanczos(
                          basis if keep_basis else None)
 
 
+def hutchinson_trace(matvec: Callable[[torch.Tensor], torch.Tensor], dimension: int, n_probes: int = 10, seed: int = 0,
+                     operator_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``n_probes`` unbiased samples ``vᵀ A v`` of ``tr A`` with Rademacher vectors ``v`` (entries ±1, seeded;
+    Hutchinson 1990): their mean estimates the trace, their spread its error. Exact for a diagonal ``A``. With
+    the top eigenvalue from :func:`lanczos`, ``λ_max / (tr A / dimension)`` says how far the top stands above the
+    average eigenvalue: what a top-k alone cannot tell."""
+    if int(n_probes) < 1:
+        raise ValueError(f"n_probes must be positive, got {n_probes}")
+    generator = torch.Generator().manual_seed(int(seed))
+    samples = []
+    for _ in range(int(n_probes)):
+        v = torch.randint(0, 2, (int(dimension),), generator=generator, dtype=torch.float64) * 2 - 1
+        out = matvec(v if operator_dtype is None else v.to(operator_dtype)).to(torch.float64).cpu()
+        samples.append(float(v @ out))
+    return torch.tensor(samples, dtype=torch.float64)
+
+
 # -- Kronecker-factored preconditioners ----------------------------------------------------------------------
 
 
@@ -412,9 +430,9 @@ def read_spectrum_log(path: str | Path) -> dict:
     """The records of ``spectrum.jsonl`` (scripts/autoencoder_spectrum.py), grouped: ``header`` (the last one),
     ``training[(method, update, matrix)]``, ``eos[lr]`` (the measurements of the finished attempt, by step; an
     attempt that a restart abandoned is dropped), ``eos_diverged`` (lrs whose run diverged),
-    ``preconditioned[operator]``, ``training_config[method]``."""
+    ``preconditioned[operator]``, ``trace[operator]`` (Hutchinson samples), ``training_config[method]``."""
     records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    out = {"header": None, "training": {}, "eos": {}, "eos_diverged": set(), "preconditioned": {},
+    out = {"header": None, "training": {}, "eos": {}, "eos_diverged": set(), "preconditioned": {}, "trace": {},
            "training_config": {}}
     finished = {r["lr"]: r["attempt"] for r in records if r.get("kind") == "eos_done"}
     for r in records:
@@ -431,6 +449,8 @@ def read_spectrum_log(path: str | Path) -> dict:
             out["eos_diverged"].add(r["lr"])
         elif kind == "preconditioned":
             out["preconditioned"][r["operator"]] = r
+        elif kind == "trace":
+            out["trace"][r["operator"]] = r
     for lr in out["eos"]:
         out["eos"][lr].sort(key=lambda r: r["step"])
     return out

@@ -11,7 +11,8 @@ every curvature taken on one fixed batch: the first ``--curvature-images`` train
   every ``--eos-every`` steps the Hessian's largest eigenvalue, to compare with 2/η (Cohen et al. 2021).
 * ``preconditioned``: at one point of SGD's run, the top ``--k-preconditioned`` eigenvalues of
   ``G_GN`` and of ``P^{-1/2} G_GN P^{-1/2}`` for K-FAC's and ACP's ``P``, whose factors are estimated on the
-  same fixed batch.
+  same fixed batch; ``trace``: Hutchinson estimates (``--trace-probes`` Rademacher probes) of the traces of the
+  same three operators, i.e. their mean eigenvalues.
 
 Writes JSON lines to ``OUT/spectrum.jsonl`` as it goes (one record per measurement); a rerun skips the
 measurements already there (training is deterministic and is replayed; an unfinished GD run is restarted).
@@ -38,7 +39,9 @@ from fso_lib.losses import SquaredError  # noqa: E402
 from fso_lib.matrix_free import CurvatureProducts  # noqa: E402
 from fso_lib.models import deep_autoencoder  # noqa: E402
 from fso_lib.optim import ACP, KFAC  # noqa: E402
-from fso_lib.spectrum import acp_preconditioner, kfac_preconditioner, lanczos, preconditioned_operator  # noqa: E402
+from fso_lib.spectrum import (  # noqa: E402
+    acp_preconditioner, hutchinson_trace, kfac_preconditioner, lanczos, preconditioned_operator,
+)
 from fso_lib.training import minibatches  # noqa: E402
 
 LOSS = SquaredError()
@@ -47,7 +50,7 @@ LOSS = SquaredError()
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "data/results/spectrum"))
-    p.add_argument("--stages", default="training,eos,preconditioned", help="comma-separated, run in this order")
+    p.add_argument("--stages", default="training,eos,preconditioned,trace", help="comma-separated, run in this order")
     p.add_argument("--curvature-images", type=int, default=1000)
     p.add_argument("--points", default="0,500,3000")
     p.add_argument("--methods", default="sgd,acp")
@@ -62,6 +65,7 @@ def parse(argv=None):
     p.add_argument("--preconditioned-point", type=int, default=500, help="SGD update at which (c) is measured")
     p.add_argument("--k-preconditioned", type=int, default=20)
     p.add_argument("--iterations-preconditioned", type=int, default=60)
+    p.add_argument("--trace-probes", type=int, default=20, help="Hutchinson probes per operator (stage trace)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     return p.parse_args(argv)
@@ -217,11 +221,9 @@ def _layer_inputs_and_gradients(model, layers, x):
     return [inputs[k] for k in range(len(layers))], grads
 
 
-def run_preconditioned(log: Log, args, data) -> None:
+def _preconditioned_operators(args, data):
+    """SGD's network at ``--preconditioned-point`` (its run replayed) and the three symmetric operators of (c)."""
     point = args.preconditioned_point
-    names = ("gauss_newton", "kfac", "acp")
-    if all(f"preconditioned/{point}/{n}" in log.done for n in names):
-        return
     x_curv = data[: args.curvature_images]
     model = deep_autoencoder(init="sparse", seed=args.seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=tuned("sgd")["lr"])
@@ -255,6 +257,14 @@ def run_preconditioned(log: Log, args, data) -> None:
                 {"damping": acp_hp["damping"], "alphas": alphas,
                  "factors": "C and the input means from the curvature batch; α per layer by the heuristic on it"}),
     }
+    return products, layout, operators
+
+
+def run_preconditioned(log: Log, args, data) -> None:
+    point = args.preconditioned_point
+    if all(f"preconditioned/{point}/{n}" in log.done for n in ("gauss_newton", "kfac", "acp")):
+        return
+    products, layout, operators = _preconditioned_operators(args, data)
     for name, (matvec, extra) in operators.items():
         key = f"preconditioned/{point}/{name}"
         if key in log.done:
@@ -265,6 +275,23 @@ def run_preconditioned(log: Log, args, data) -> None:
         log.write({"key": key, "kind": "preconditioned", "operator": name, "sgd_update": point,
                    "curvature_batch_loss": float(products.risk()), **result.as_dict(), **extra,
                    "cpu_s": time.process_time() - cpu})
+
+
+def run_trace(log: Log, args, data) -> None:
+    """Hutchinson estimates of the traces of the three operators of (c): the mean eigenvalue, to set the top against."""
+    point = args.preconditioned_point
+    if all(f"trace/{point}/{n}" in log.done for n in ("gauss_newton", "kfac", "acp")):
+        return
+    products, layout, operators = _preconditioned_operators(args, data)
+    for name, (matvec, _) in operators.items():
+        key = f"trace/{point}/{name}"
+        if key in log.done:
+            continue
+        cpu = time.process_time()
+        samples = hutchinson_trace(matvec, layout.size, n_probes=args.trace_probes, seed=args.seed,
+                                   operator_dtype=products.theta.dtype)
+        log.write({"key": key, "kind": "trace", "operator": name, "sgd_update": point, "dimension": layout.size,
+                   "samples": samples.tolist(), "cpu_s": time.process_time() - cpu})
 
 
 def main(argv=None) -> None:
@@ -279,7 +306,7 @@ def main(argv=None) -> None:
                "curvature_batch": f"training images 0..{args.curvature_images - 1}",
                "loss": "squared error summed over the 784 pixels, mean over images"})
     stages = args.stages.split(",")
-    runners = {"training": run_training, "eos": run_eos, "preconditioned": run_preconditioned}
+    runners = {"training": run_training, "eos": run_eos, "preconditioned": run_preconditioned, "trace": run_trace}
     unknown = set(stages) - set(runners)
     if unknown:
         raise SystemExit(f"unknown stages {sorted(unknown)}; choose among {sorted(runners)}")

@@ -9,7 +9,7 @@ from fso_lib.matrix_free import CurvatureProducts
 from fso_lib.models import mlp
 from fso_lib.optim import ACP, KFAC
 from fso_lib.spectrum import (
-    NonSymmetricOperatorError, acp_preconditioner, kfac_preconditioner, lanczos, preconditioned_operator,
+    NonSymmetricOperatorError, acp_preconditioner, hutchinson_trace, kfac_preconditioner, lanczos, preconditioned_operator,
 )
 
 
@@ -224,3 +224,16 @@ def test_preconditioners_refuse_missing_statistics_and_heuristic_alpha_without_a
     with pytest.raises(ValueError, match="heuristic"):
         acp_preconditioner(acp, layout, means)
     acp.remove_hooks()
+
+
+def test_hutchinson_trace_exact_on_diagonal_and_unbiased_in_general():
+    diagonal = torch.diag(torch.arange(1.0, 31.0, dtype=torch.float64))
+    samples = hutchinson_trace(lambda v: diagonal @ v, 30, n_probes=3)
+    assert torch.allclose(samples, torch.full((3,), float(diagonal.trace()), dtype=torch.float64))
+    model, x, y = small_problem()
+    gauss_newton = C.gauss_newton(model, SquaredError(), x, y)
+    samples = hutchinson_trace(lambda v: gauss_newton @ v, gauss_newton.shape[0], n_probes=4000, seed=1)
+    error = abs(float(samples.mean()) - float(gauss_newton.trace()))
+    assert error < 4 * float(samples.std()) / 4000 ** 0.5  # within four standard errors
+    with pytest.raises(ValueError, match="n_probes"):
+        hutchinson_trace(lambda v: v, 3, n_probes=0)
