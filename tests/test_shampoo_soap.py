@@ -247,3 +247,38 @@ def test_trains_the_autoencoder_on_the_sample_smoke(name):
         losses.append(float(loss.detach()))
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]
+
+
+def _cxx_compiler():
+    import os
+    import shutil
+    return next((c for c in (os.environ.get("CXX"), "g++", "c++", "clang++") if c and shutil.which(c)), None)
+
+
+@pytest.mark.skipif(_cxx_compiler() is None, reason="torch.compile on a CPU needs a C++ compiler")
+@pytest.mark.parametrize("name, hyper", [
+    ("shampoo", dict(root_period=3)),
+    ("soap", dict(eigenbasis_period=3)),
+    ("ekfac", dict(statistics_period=2, eigenbasis_period=4, scale_period=2)),
+])
+def test_a_compiled_step_gives_the_eager_steps(name, hyper):
+    # the refreshes (eigh) run eagerly before the compiled steady-state part; float64, so that SOAP's division of
+    # round-off by eps (see its docstring) stays far below the tolerance
+    from fso_lib.optim import needs_statistics
+    torch.manual_seed(0)
+    model = mlp((8, 16, 4, 8), activation="sigmoid").double()
+    clone = copy.deepcopy(model)
+    eager = make_optimizer(name, model, check_every=None, **hyper)
+    compiled = make_optimizer(name, clone, check_every=None, **hyper).compile_step()
+    g = torch.Generator().manual_seed(1)
+    for t in range(8):  # crosses refreshes at 0, 3, 6 (EKFAC: 0, 4)
+        x, x_stats = torch.rand(32, 8, generator=g, **F64), torch.rand(32, 8, generator=g, **F64)
+        for net, opt in ((model, eager), (clone, compiled)):
+            torch.manual_seed(t)  # EKFAC samples its targets
+            if needs_statistics(opt):
+                opt.update_statistics(x_stats)
+            opt.zero_grad()
+            _loss(net, x, x).backward()
+            opt.step()
+        for p, q in zip(model.parameters(), clone.parameters()):
+            assert torch.allclose(p, q, rtol=0, atol=1e-7), t

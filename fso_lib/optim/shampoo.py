@@ -8,7 +8,10 @@ but from minibatch gradients instead of per-example statistics of a sampled loss
 They are :class:`~fso_lib.optim.base.LayerwiseOptimizer` s: ``Γ = gᵀ [h 1]`` is formed from the captured layer
 input ``h`` and pre-activation gradient ``g = ∂L/∂a`` (autograd's ``W.grad`` is not needed, as for K-FAC;
 ``weight_grads=True`` uses it instead). No statistics minibatch. Their per-layer state (``L``, ``R``, moments) is
-committed only when the step is applied, so a step skipped as non-finite leaves it as it was.
+committed only when the step is applied, so a step skipped as non-finite leaves it as it was (the roots or
+eigenbases, refreshed before the step, are the exception). The refreshes (``eigh``, with a host read that refuses
+non-finite factors) run eagerly in :meth:`_before_updates`; the steady-state step has no host read and compiles
+(:meth:`~fso_lib.optim.base.LayerwiseOptimizer.compile_step`).
 """
 from __future__ import annotations
 
@@ -66,6 +69,15 @@ class _KroneckerStatistics(LayerwiseOptimizer):
     def _refresh_due(self, period: int) -> bool:
         return self.n_updates % period == 0 or "L" not in self.state[self.layers[0].weight]
 
+    def _refresh_inputs(self):
+        """``(k, group, state, Γ, L_new, R_new)`` of every layer, for a refresh in :meth:`_before_updates` (eager: the
+        eigendecompositions and their host reads stay out of the compiled steady-state step)."""
+        for k, group in enumerate(self.param_groups):
+            h, g = self._captured(k)
+            state = self.state[group["params"][0]]
+            grad = self._gradient(group, h, g)
+            yield (k, group, state, grad, *self._new_factors(state, grad))
+
     def _apply(self, group, pair, skip):
         # commit this layer's new state (a skipped step keeps the old one), then the usual p ← p − lr · direction
         state = self.state[group["params"][0]]
@@ -121,10 +133,14 @@ class Shampoo(_KroneckerStatistics):
         self.grafting = grafting
         self.graft_beta2 = float(graft_beta2)
         self.graft_eps = float(graft_eps)
-        self._refresh_roots = False
 
     def _before_updates(self):
-        self._refresh_roots = self._refresh_due(self.root_period)
+        if not self._refresh_due(self.root_period):
+            return
+        for k, group, state, _, left, right in self._refresh_inputs():
+            eps = group["damping"]
+            state["L_root"] = matrix_inverse_root(left, eps, 4, f"left factor of layer {k}")
+            state["R_root"] = matrix_inverse_root(right, eps, 4, f"right factor of layer {k}")
 
     def _layer_update(self, k, group, h, g):
         weight = group["params"][0]
@@ -133,13 +149,7 @@ class Shampoo(_KroneckerStatistics):
         grad = self._gradient(group, h, g)
         left, right = self._new_factors(state, grad)
         pending = {"L": left, "R": right}
-        if self._refresh_roots:
-            eps = group["damping"]
-            pending["L_root"] = matrix_inverse_root(left, eps, 4, f"left factor of layer {k}")
-            pending["R_root"] = matrix_inverse_root(right, eps, 4, f"right factor of layer {k}")
-        left_root = pending.get("L_root", state.get("L_root"))
-        right_root = pending.get("R_root", state.get("R_root"))
-        direction = left_root @ grad @ right_root
+        direction = state["L_root"] @ grad @ state["R_root"]
         if self.grafting == "sgd":
             direction = direction * (torch.linalg.matrix_norm(grad) / torch.linalg.matrix_norm(direction).clamp_min(1e-30))
         elif self.grafting == "adam":
@@ -190,6 +200,11 @@ class SOAP(_KroneckerStatistics):
     rows of ``P∘P`` sum to one), and reduces to "keep ``v``" when the basis did not move. The step count ``t`` of
     the bias corrections is not reset. (Vyas et al.'s code keeps ``v`` as is, reordered by the eigenvalue
     estimates; with ``eigh`` the order is that of the eigenvalues already.)
+
+    **Round-off and ``eps``.** When a layer's gradients have a lower rank than ``L`` or ``R`` (fewer examples than
+    units, or a layer wider than its inputs), the rotated gradient has coordinates that are zero in exact arithmetic
+    but hold round-off (≈ 1e-7·‖Γ‖ in float32), and Adam's ``m̂/(√v̂ + ε)`` turns them into steps of size up to
+    ``lr`` unless ``eps`` is well above that round-off. Plain Adam has no such coordinates (no rotation).
     """
 
     def __init__(self, model: nn.Module, lr: float = 3e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -207,10 +222,22 @@ class SOAP(_KroneckerStatistics):
         super().__init__(model, dict(lr=lr, betas=(beta1, beta2), eps=eps, momentum=0.0), factor_decay,
                          check_finite, weight_grads, check_every)
         self.eigenbasis_period = int(eigenbasis_period)
-        self._refresh_basis = False
 
     def _before_updates(self):
-        self._refresh_basis = self._refresh_due(self.eigenbasis_period)
+        if not self._refresh_due(self.eigenbasis_period):
+            return
+        for k, group, state, grad, left, right in self._refresh_inputs():
+            _, new_left = symmetric_eigenbasis(left, f"left factor of layer {k}")
+            _, new_right = symmetric_eigenbasis(right, f"right factor of layer {k}")
+            if "exp_avg" in state:  # the moments, expressed in the new coordinates (a change of basis, no new data)
+                turn_left, turn_right = new_left.T @ state["Q_L"], new_right.T @ state["Q_R"]
+                state["exp_avg"] = turn_left @ state["exp_avg"] @ turn_right.T
+                state["exp_avg_sq"] = turn_left.square() @ state["exp_avg_sq"] @ turn_right.square().T
+            else:
+                state["exp_avg"] = grad.new_zeros(grad.shape)
+                state["exp_avg_sq"] = grad.new_zeros(grad.shape)
+                state["step"] = grad.new_zeros(())
+            state["Q_L"], state["Q_R"] = new_left, new_right
 
     def _layer_update(self, k, group, h, g):
         weight = group["params"][0]
@@ -220,22 +247,11 @@ class SOAP(_KroneckerStatistics):
         grad = self._gradient(group, h, g)
         left, right = self._new_factors(state, grad)
         pending = {"L": left, "R": right}
-        first, second = state.get("exp_avg"), state.get("exp_avg_sq")
-        q_left, q_right = state.get("Q_L"), state.get("Q_R")
-        if self._refresh_basis:
-            _, new_left = symmetric_eigenbasis(left, f"left factor of layer {k}")
-            _, new_right = symmetric_eigenbasis(right, f"right factor of layer {k}")
-            if first is not None:
-                turn_left, turn_right = new_left.T @ q_left, new_right.T @ q_right
-                first = turn_left @ first @ turn_right.T
-                second = turn_left.square() @ second @ turn_right.square().T
-            q_left, q_right = pending["Q_L"], pending["Q_R"] = new_left, new_right
+        q_left, q_right = state["Q_L"], state["Q_R"]
         rotated = q_left.T @ grad @ q_right
-        steps = state.get("step", torch.zeros((), dtype=grad.dtype, device=grad.device)) + 1
-        if first is None:
-            first, second = torch.zeros_like(rotated), torch.zeros_like(rotated)
-        first = first * beta1 + rotated * (1 - beta1)
-        second = second * beta2 + rotated.square() * (1 - beta2)
+        steps = state["step"] + 1
+        first = state["exp_avg"] * beta1 + rotated * (1 - beta1)
+        second = state["exp_avg_sq"] * beta2 + rotated.square() * (1 - beta2)
         adam = (first / (1 - beta1 ** steps)) / ((second / (1 - beta2 ** steps)).sqrt() + group["eps"])
         direction = q_left @ adam @ q_right.T
         pending.update(exp_avg=first, exp_avg_sq=second, step=steps)
