@@ -249,7 +249,8 @@ def test_the_counter_sees_every_kind_of_host_read():
     assert len(counter.ops) == 1
 
 
-@pytest.mark.parametrize("method", ["sgd", "sgd_momentum", "adam", "acp", "kfac"])
+@pytest.mark.parametrize("method", ["sgd", "sgd_momentum", "adam", "acp", "kfac", "natural_nn_implicit",
+                                    "acp_quadratic_model", "ekfac", "shampoo", "soap"])
 def test_the_steady_state_loop_never_reads_the_device(tmp_path, method):
     """Run.steady_state_loop between evaluations: no scalar read, no data-dependent shape, in the forward,
     backward or optimizer step (ACP's and K-FAC's refresh periods are longer than the check: a refresh

@@ -35,7 +35,12 @@ HOST_SYNC_OPS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonz
 #: Hyperparameters that keep the refresh steps of the chapter-6 methods out of the watched updates.
 LONG_PERIODS = {"acp": {"amortization_period": 10**6}, "acp_fixed_alpha": {"amortization_period": 10**6},
                 "kfac": {"statistics_period": 10**6, "inverse_period": 10**6},
-                "natural_nn": {"amortization_period": 10**6}}
+                "natural_nn": {"amortization_period": 10**6}, "natural_nn_implicit": {"amortization_period": 10**6},
+                "kfac_thesis": {"statistics_period": 10**6, "inverse_period": 10**6},
+                "acp_quadratic_model": {"amortization_period": 10**6},
+                "natural_nn_quadratic_model": {"amortization_period": 10**6},
+                "ekfac": {"statistics_period": 10**6, "eigenbasis_period": 10**6, "scale_period": 10**6},
+                "shampoo": {"root_period": 10**6}, "soap": {"eigenbasis_period": 10**6}}
 
 
 class CountHostSyncs(TorchDispatchMode):
