@@ -139,3 +139,25 @@ def test_implicit_whitening_refuses_a_whitened_model():
     NaturalNeuralNetwork(model)  # whitens in place
     with pytest.raises(Exception, match="plain nn.Linear"):
         NaturalNeuralNetwork(model, whitened_layers=False)
+
+
+@pytest.mark.parametrize("form", ["dense", "woodbury"])
+def test_a_small_damping_on_float32_statistics_is_retried_from_the_rows_in_float64(form):
+    """A float32 product S Sᵀ (or SᵀS) of centered MNIST rows has negative eigenvalues of the order of its rounding
+    error (about -1.6e-4 here, against 1.1e3 at the top). With a damping below that, the float32 Cholesky fails,
+    and so does the float64 Cholesky of the same matrix cast to float64; forming the matrix again from the rows in
+    float64 succeeds (it is positive semi-definite in exact arithmetic). Seen in a run of ACP with adaptive damping."""
+    from fso_lib.data import load_mnist
+
+    x = load_mnist(sample=True).train_images[:200].float()
+    centered = x - x.mean(0)
+    m, epsilon = centered.shape[0], 1e-7
+    matrix = centered @ centered.T if form == "woodbury" else centered.T @ centered / m
+    shift = epsilon * m if form == "woodbury" else epsilon
+    damped = matrix.double() + shift * torch.eye(matrix.shape[0], dtype=torch.float64)
+    assert int(torch.linalg.cholesky_ex(damped)[1]) > 0  # the float32 matrix, even cast to float64, is indefinite
+    inverse = CovarianceInverse.from_centered(centered, epsilon, form=form)
+    rows = torch.randn(3, centered.shape[1])
+    assert torch.isfinite(inverse.apply(rows)).all()
+    # (how accurate the float32 result can be at such a damping is another matter: the condition number of
+    # C + εI is about 6e7 here; the checks of the inverse's values are the tests above, at usual dampings)

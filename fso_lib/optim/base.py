@@ -28,12 +28,16 @@ def check_divergence(optimizer) -> None:
         method()
 
 
-def damped_inverse(matrix: torch.Tensor, damping, what: str = "matrix") -> torch.Tensor:
+def damped_inverse(matrix: torch.Tensor, damping, what: str = "matrix", float64_matrix=None) -> torch.Tensor:
     """``(matrix + damping · I)⁻¹`` for a symmetric positive semi-definite ``matrix``, by Cholesky.
 
     ``damping`` is a float or a 0-dim tensor. Tries the matrix's own precision first and float64 only if
     that factorization fails; raises :class:`DivergenceError` if even float64 finds the damped matrix not
     positive definite. Reads the factorization's status on the host (called once per refresh, not per step).
+
+    ``float64_matrix``: a function that forms ``matrix`` again in float64 from its factors (e.g. ``S Sᵀ`` from
+    ``S``), used by the float64 retry. A float32 product ``S Sᵀ`` can have negative eigenvalues of the order of its
+    rounding error, larger than a small damping; casting it to float64 keeps them, forming it in float64 does not.
     """
     damped = matrix.clone()
     damped.diagonal().add_(damping)
@@ -42,6 +46,9 @@ def damped_inverse(matrix: torch.Tensor, damping, what: str = "matrix") -> torch
         inverse = torch.cholesky_inverse(chol)
         if bool(torch.isfinite(inverse).all()):
             return inverse
+    if float64_matrix is not None:
+        damped = float64_matrix()
+        damped.diagonal().add_(damping.double() if torch.is_tensor(damping) else damping)
     damped64 = damped.double()
     chol, info = torch.linalg.cholesky_ex(damped64)
     if int(info) != 0 or not bool(torch.isfinite(damped64).all()):

@@ -52,12 +52,15 @@ class CovarianceInverse:
         """Build from the centered statistics rows; ``covariance`` (``Sᵀ S / m``) may be passed if already formed."""
         m, n_in = centered.shape
         form = inverse_form(m, n_in, form)
+        rows64 = lambda: centered.double()  # noqa: E731 - the float64 retry forms the matrix again from the rows
         if form == "dense":
             if covariance is None:
                 covariance = centered.T @ centered / m
-            return cls("dense", epsilon, matrix=damped_inverse(covariance, epsilon, what=what))
+            return cls("dense", epsilon, matrix=damped_inverse(covariance, epsilon, what=what,
+                                                               float64_matrix=lambda: rows64().T @ rows64() / m))
         gram = centered @ centered.T
-        kernel = damped_inverse(gram, epsilon * m, what=f"{what} (its {m} × {m} Gram matrix)")
+        kernel = damped_inverse(gram, epsilon * m, what=f"{what} (its {m} × {m} Gram matrix)",
+                                float64_matrix=lambda: rows64() @ rows64().T)
         return cls("woodbury", epsilon, basis=centered, solve=kernel @ centered)
 
     def apply(self, rows: torch.Tensor, scale=None) -> torch.Tensor:
