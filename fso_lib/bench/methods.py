@@ -234,14 +234,23 @@ def after_thesis_domains() -> dict[str, list]:
     }
 
 
+#: The benchmark's amortization for Shampoo and SOAP: their roots / eigenbases every 100 updates, the period every
+#: other amortized method of the race refreshes at (thesis §6.6.2). Their registry defaults (every 10 updates, as the
+#: SOAP paper runs it) cost 10–11 SGD updates per update on the book's 2-core CPU (data/results/speed/), which the
+#: race's equal tuning budget (24 trials × 1,500 updates per method) cannot afford there.
+AFTER_THESIS_RACE_AMORTIZATION = {"shampoo": {"root_period": 100}, "soap": {"eigenbasis_period": 100}}
+
+
 def register_after_thesis_methods() -> None:
-    """Register EKFAC, Shampoo and SOAP with the defaults that ``fso_lib.optim.OPTIMIZERS`` publishes."""
+    """Register EKFAC, Shampoo and SOAP with the defaults that ``fso_lib.optim.OPTIMIZERS`` publishes, except the
+    refresh periods of :data:`AFTER_THESIS_RACE_AMORTIZATION`."""
     domains = after_thesis_domains()
     for name, label in AFTER_THESIS_METHODS.items():
         spec = fso_optim.OPTIMIZERS[name]
         domain = domains[name]
         optional = tuple(sorted((set(spec.hyperparameters) | {p.name for p in domain}) - set(spec.defaults) - {"check_every"}))
-        register_method(Method(name, label, dict(spec.defaults), Domain([*domain, INIT_SCALE]), _chapter6_build(name),
+        defaults = {**spec.defaults, **AFTER_THESIS_RACE_AMORTIZATION.get(name, {})}
+        register_method(Method(name, label, defaults, Domain([*domain, INIT_SCALE]), _chapter6_build(name),
                                source="fso_lib.optim", optional=optional, uses_statistics=bool(spec.uses_statistics)))
 
 
