@@ -25,7 +25,6 @@ preconditioned method sees it — is one more symmetric operator for :func:`lanc
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -34,6 +33,7 @@ import torch
 from torch import nn
 
 from .curvature import ParameterLayout
+from .optim.kfac import factored_damping
 
 __all__ = [
     "LanczosResult", "lanczos", "NonSymmetricOperatorError",
@@ -367,13 +367,10 @@ def kfac_preconditioner(optimizer, layout: ParameterLayout, damping: float | Non
         if "A" not in state:
             raise ValueError("the K-FAC optimizer has no factors yet: call update_statistics(x) first")
         a, g = state["A"].to(torch.float64), state["G"].to(torch.float64)
-        epsilon = float(group["damping"] if damping is None else damping)
-        gamma = math.sqrt(epsilon)
-        pi = math.sqrt(max(float(a.diagonal().mean()), 0.0) / max(float(g.diagonal().mean()), 1e-30))
-        pi = min(max(pi, 1e-8), 1e8)
+        input_shift, gradient_shift = factored_damping(a, g, group["damping"] if damping is None else damping)
         eye_a = torch.eye(a.shape[0], dtype=torch.float64)
         eye_g = torch.eye(g.shape[0], dtype=torch.float64)
-        blocks.append(KroneckerBlock(weight, bias, shape, a + pi * gamma * eye_a, g + gamma / pi * eye_g))
+        blocks.append(KroneckerBlock(weight, bias, shape, a + input_shift * eye_a, g + gradient_shift * eye_g))
     return KroneckerPreconditioner(blocks, layout.size)
 
 

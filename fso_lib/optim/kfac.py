@@ -10,7 +10,7 @@ from torch import nn
 from .base import DivergenceError, LayerwiseOptimizer, damped_inverse
 from .quadratic_model import STEP_RULES, QuadraticModelSteps
 
-__all__ = ["KFAC", "SAMPLED_LOSSES", "STEP_RULES", "KFAC_THESIS_PROTOCOL", "THESIS_STATISTICS_MINIBATCH",
+__all__ = ["KFAC", "SAMPLED_LOSSES", "STEP_RULES", "KFAC_THESIS_PROTOCOL", "THESIS_STATISTICS_MINIBATCH", "factored_damping",
            "kfac_product_order"]
 
 #: The thesis's amortization for every chapter-6 method (§6.6.2): the factors are re-estimated and re-inverted
@@ -260,11 +260,9 @@ class KFAC(QuadraticModelSteps, LayerwiseOptimizer):
         for k, (group, layer) in enumerate(zip(self.param_groups, self.layers)):
             state = self.state[layer.weight]
             a, g = state["A"], state["G"]
-            gamma = math.sqrt(group["damping"])
-            # π = sqrt((tr A / dim A) / (tr G / dim G)), kept on the device
-            pi = (a.diagonal().mean() / g.diagonal().mean().clamp_min(1e-30)).sqrt().clamp(1e-8, 1e8)
-            state["A_inverse"] = damped_inverse(a, pi * gamma, what=f"input factor of layer {k}")
-            state["G_inverse"] = damped_inverse(g, gamma / pi, what=f"gradient factor of layer {k}")
+            input_shift, gradient_shift = factored_damping(a, g, group["damping"])
+            state["A_inverse"] = damped_inverse(a, input_shift, what=f"input factor of layer {k}")
+            state["G_inverse"] = damped_inverse(g, gradient_shift, what=f"gradient factor of layer {k}")
 
     def _before_updates(self):
         first = self.state[self.layers[0].weight]
@@ -322,6 +320,15 @@ class KFAC(QuadraticModelSteps, LayerwiseOptimizer):
         self.statistics_period = int(state_dict.pop("statistics_period", self.statistics_period))
         self.inverse_period = int(state_dict.pop("inverse_period", self.inverse_period))
         super().load_state_dict(state_dict)
+
+
+def factored_damping(input_factor: torch.Tensor, gradient_factor: torch.Tensor, damping) -> tuple:
+    """Martens & Grosse's factored Tikhonov damping (their §6.3): the shifts ``(π γ, γ / π)`` added to the diagonals
+    of ``A`` and ``G``, with ``γ = √ε`` and ``π = sqrt((tr A / dim A) / (tr G / dim G))`` (clamped to [1e-8, 1e8]),
+    as 0-dim tensors on the factors' device (no host read)."""
+    gamma = math.sqrt(float(damping))
+    pi = (input_factor.diagonal().mean() / gradient_factor.diagonal().mean().clamp_min(1e-30)).sqrt().clamp(1e-8, 1e8)
+    return pi * gamma, gamma / pi
 
 
 def kfac_product_order(n: int, n_in: int, n_out: int, weight_grads: bool) -> tuple[str, str]:
