@@ -9,31 +9,11 @@ from fso_lib.kron import augment, backward_factors, factored_block, kron, preact
 from fso_lib.losses import SquaredError
 from fso_lib.models import deep_autoencoder, linear_layers, mlp
 from fso_lib.optim import EKFAC, KFAC, DivergenceError, kfac_product_order, make_optimizer, needs_statistics
+from reference_checks import layer_inputs_and_gradients, mean_squared_error
 
 F64 = dict(dtype=torch.float64)
 # every (left, right) association of the projection occurs without autograd's gradient, and both pure orders with it
 SIZES, N = (3, 12, 8, 4, 2), 6
-
-
-def _loss(model, x, y):
-    return ((model(x) - y) ** 2).sum(dim=1).mean()
-
-
-def _hooks_pass(model, x, y):
-    """Each layer's input h and per-example ∇_a l (= n · captured) for ‖f − y‖² averaged, from a copy."""
-    model = copy.deepcopy(model)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    for module in model.modules():
-        module._forward_hooks.clear()
-    hs, gs = [], []
-    for layer in linear_layers(model):
-        def hook(m, args, out):
-            hs.append(args[0].detach())
-            out.register_hook(lambda g: gs.append(g.detach() * x.shape[0]))
-        layer.register_forward_hook(hook)
-    _loss(model, x, y).backward()
-    return hs, gs[::-1]
 
 
 def _layer_blocks(seed, sizes, n):
@@ -113,14 +93,14 @@ def test_ekfac_update_is_the_damped_inverse_of_its_block(weight_grads, kl_clip):
     layers = linear_layers(model)
     orders = {kfac_product_order(N, l.in_features, l.out_features, weight_grads) for l in layers}
     assert len(orders) == (2 if weight_grads else 4)  # the shapes reach every association
-    hs_stats, gs_stats = _hooks_pass(model, x_stats, target)
-    hs, gs = _hooks_pass(model, x, y)
+    hs_stats, gs_stats = layer_inputs_and_gradients(model, x_stats, target)
+    hs, gs = layer_inputs_and_gradients(model, x, y)
     before = [torch.cat([l.weight.detach(), l.bias.detach()[:, None]], 1).clone() for l in layers]
     opt = EKFAC(model, lr=lr, damping=damping, momentum=0.0, loss=lambda out: ((out - target) ** 2).sum(1).mean(),
                 statistics_period=1, eigenbasis_period=1, scale_period=1, weight_grads=weight_grads, kl_clip=kl_clip)
     opt.update_statistics(x_stats)
     opt.zero_grad()
-    _loss(model, x, y).backward()
+    mean_squared_error(model, x, y).backward()
     opt.step()
     directions, kl = [], 0.0
     for h_s, g_s, h, g, layer in zip(hs_stats, gs_stats, hs, gs, layers):
@@ -152,8 +132,8 @@ class _DenseEKFAC:
     def step(self, x, y, x_stats, target):
         t = self.t
         due = t % self.stats_every == 0 or t % self.scale_every == 0 or t % self.basis_every == 0
-        batch = _hooks_pass(self.model, x_stats, target) if due else None
-        hs, gs = _hooks_pass(self.model, x, y)
+        batch = layer_inputs_and_gradients(self.model, x_stats, target) if due else None
+        hs, gs = layer_inputs_and_gradients(self.model, x, y)
         for layer, st, k in zip(linear_layers(self.model), self.state, range(len(self.state))):
             if batch is not None:
                 h_s, g_s = batch[0][k], batch[1][k]
@@ -194,7 +174,7 @@ def test_ekfac_schedules_running_averages_and_momentum_match_the_dense_recursion
         if needs_statistics(opt):
             opt.update_statistics(x_stats)
         opt.zero_grad()
-        _loss(model, x, y).backward()
+        mean_squared_error(model, x, y).backward()
         opt.step()
         dense.step(x, y, x_stats, targets["t"])
         for p, q in zip(model.parameters(), reference.parameters()):
@@ -211,7 +191,7 @@ def test_ekfac_state_dict_round_trip_resumes_identically():
         if needs_statistics(opt):
             opt.update_statistics(x_stats)
         opt.zero_grad()
-        _loss(model, x, y).backward()
+        mean_squared_error(model, x, y).backward()
         opt.step()
 
     opt = make_optimizer("ekfac", model, **hyper)
@@ -239,14 +219,14 @@ def test_ekfac_refuses_bad_input_with_clear_messages():
     with pytest.raises(ValueError, match="damping must be positive"):
         EKFAC(model, damping=0.0)
     opt = EKFAC(model)
-    _loss(model, torch.randn(4, 3, **F64), torch.randn(4, 2, **F64)).backward()
+    mean_squared_error(model, torch.randn(4, 3, **F64), torch.randn(4, 2, **F64)).backward()
     with pytest.raises(RuntimeError, match="update_statistics"):
         opt.step()
     opt = EKFAC(mlp((3, 4, 2)).double(), statistics_period=1)
     x_bad = torch.randn(4, 3, **F64)
     x_bad[0, 0] = float("nan")
     opt.update_statistics(x_bad)
-    _loss(opt.model, torch.randn(4, 3, **F64), torch.randn(4, 2, **F64)).backward()
+    mean_squared_error(opt.model, torch.randn(4, 3, **F64), torch.randn(4, 2, **F64)).backward()
     with pytest.raises(DivergenceError, match="non-finite"):
         opt.step()
 
@@ -260,7 +240,7 @@ def test_ekfac_is_kfac_when_the_scale_is_kfacs_products():
     x_stats, target = torch.randn(1, 3, **F64), torch.randn(1, 2, **F64)
     opt = EKFAC(model, statistics_period=1, loss=lambda out: ((out - target) ** 2).sum(1).mean())
     opt.update_statistics(x_stats)
-    _loss(model, torch.randn(5, 3, **F64), torch.randn(5, 2, **F64)).backward()
+    mean_squared_error(model, torch.randn(5, 3, **F64), torch.randn(5, 2, **F64)).backward()
     opt.step()
     for layer in linear_layers(model):
         st = opt.state[layer.weight]

@@ -19,6 +19,7 @@ from fso_lib.optim.quadratic_model import (
     MinibatchQuadraticModel, levenberg_marquardt_damping, minimizing_coefficients, model_change,
 )
 from fso_lib.training import sum_squared_error, training_step
+from reference_checks import assert_quadratic_model_step
 
 F64 = dict(dtype=torch.float64)
 #: the K-FAC loss name → the fso_lib.losses object whose dense Fisher is the reference, and the network's output layer
@@ -165,17 +166,7 @@ def test_quadratic_model_step_minimizes_its_model():
             step = a * proposal + (m * previous if previous is not None else 0)
             return float(0.5 * step @ curvature @ step + gradient @ step)
 
-        if previous is None:
-            # first update: μ = 0 and α is the exact line minimizer along Δ
-            assert mu == 0
-            assert alpha == pytest.approx(float(-(gradient @ proposal) / (proposal @ curvature @ proposal)), rel=1e-9)
-            assert torch.allclose(delta, alpha * proposal, rtol=1e-9, atol=1e-13)
-        else:
-            assert torch.allclose(delta, alpha * proposal + mu * previous, rtol=1e-9, atol=1e-13)
-            directions = torch.stack([proposal, previous])
-            normal_matrix = directions @ curvature @ directions.T
-            assert torch.allclose(normal_matrix @ torch.tensor([alpha, mu], **F64), -(directions @ gradient),
-                                  rtol=1e-8, atol=1e-13)
+        assert_quadratic_model_step(delta, proposal, previous, gradient, curvature, alpha, mu)
         best = model_value(alpha, mu)
         for da, dm in ((1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (1, -1)):
             h = 1e-3 * max(abs(alpha), 1e-3)

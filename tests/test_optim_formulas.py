@@ -1,7 +1,6 @@
 """Closed forms of the chapter-6 optimizers on the paths the real autoencoder takes (float64, thesis §6.4–6.5):
 every product order of ACP and K-FAC, K-FAC's running averages and KL clipping, the heavy-ball recursion,
 and the errors for bad statistics or outputs."""
-import copy
 import math
 
 import pytest
@@ -10,29 +9,9 @@ import torch
 from fso_lib.kron import kron, vec
 from fso_lib.models import linear_layers, mlp
 from fso_lib.optim import ACP, KFAC, CenteredSGD, DivergenceError, acp_product_order, kfac_product_order
+from reference_checks import layer_inputs_and_gradients, mean_squared_error
 
 F64 = dict(dtype=torch.float64)
-
-
-def _loss(model, x, y):
-    return ((model(x) - y) ** 2).sum(dim=1).mean()
-
-
-def _hooks_pass(model, x, y):
-    """Each layer's input h and per-example ∇_a l for the mean squared error on (x, y), from a copy."""
-    model = copy.deepcopy(model)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    for module in model.modules():
-        module._forward_hooks.clear()  # the copy must not feed the optimizer's capture
-    hs, gs = [], []
-    for layer in linear_layers(model):
-        def hook(m, args, out):
-            hs.append(args[0].detach())
-            out.register_hook(lambda g: gs.append(g.detach() * x.shape[0]))
-        layer.register_forward_hook(hook)
-    _loss(model, x, y).backward()
-    return hs, gs[::-1]
 
 
 def _ones(n):
@@ -63,13 +42,13 @@ def test_acp_update_is_eq_6_3_3_on_every_product_order(weight_grads, bias_update
     x, y = torch.randn(ACP_N, ACP_SIZES[0], **F64), torch.randn(ACP_N, ACP_SIZES[-1], **F64)
     x_stats = torch.randn(15, ACP_SIZES[0], **F64)
     lr, lam = 0.3, 0.05
-    stats_h, _ = _hooks_pass(model, x_stats, torch.zeros(15, ACP_SIZES[-1], **F64))
-    hs, gs = _hooks_pass(model, x, y)
+    stats_h, _ = layer_inputs_and_gradients(model, x_stats, torch.zeros(15, ACP_SIZES[-1], **F64))
+    hs, gs = layer_inputs_and_gradients(model, x, y)
     before = [(l.weight.detach().clone(), l.bias.detach().clone()) for l in linear_layers(model)]
     opt = ACP(model, lr=lr, damping=lam, alpha=None, bias_update=bias_update, weight_grads=weight_grads)
     opt.update_statistics(x_stats)
     opt.zero_grad()
-    _loss(model, x, y).backward()
+    mean_squared_error(model, x, y).backward()
     opt.step()
     for layer, h, g, hst, (w, b) in zip(linear_layers(model), hs, gs, stats_h, before):
         alpha = float(g.abs().max()) ** 2                   # max squared per-example gradient
@@ -91,7 +70,7 @@ def _kfac_problem(seed=0):
 
 def _factors(model, x_stats, target):
     """A = (1/n) Σ [h;1][h;1]ᵀ and G = (1/n) Σ g gᵀ per layer, for the deterministic 'sampled' loss ‖f − target‖²."""
-    hs, gs = _hooks_pass(model, x_stats, target)
+    hs, gs = layer_inputs_and_gradients(model, x_stats, target)
     out = []
     for h, g in zip(hs, gs):
         ha = torch.cat([h, _ones(h.shape[0])], 1)
@@ -112,13 +91,13 @@ def test_kfac_update_on_every_product_order(weight_grads):
     lam, lr = 0.02, 0.4
     target = torch.randn(KFAC_N, KFAC_SIZES[-1], **F64)
     factors = _factors(model, x, target)
-    hs, gs = _hooks_pass(model, x, y)
+    hs, gs = layer_inputs_and_gradients(model, x, y)
     before = [torch.cat([l.weight.detach(), l.bias.detach()[:, None]], 1).clone() for l in linear_layers(model)]
     opt = KFAC(model, lr=lr, damping=lam, momentum=0.0, loss=lambda out: ((out - target) ** 2).sum(1).mean(),
                statistics_period=1, inverse_period=1, weight_grads=weight_grads)
     opt.update_statistics(x)
     opt.zero_grad()
-    _loss(model, x, y).backward()
+    mean_squared_error(model, x, y).backward()
     opt.step()
     for layer, h, g, (a, gg), theta in zip(linear_layers(model), hs, gs, factors, before):
         grad = g.T @ torch.cat([h, _ones(h.shape[0])], 1) / h.shape[0]
@@ -154,7 +133,7 @@ def test_kfac_kl_clipping(weight_grads, clip_active):
     lam, lr = 0.02, 0.4
     target = torch.randn(KFAC_N, KFAC_SIZES[-1], **F64)
     factors = _factors(model, x, target)
-    hs, gs = _hooks_pass(model, x, y)
+    hs, gs = layer_inputs_and_gradients(model, x, y)
     grads = [g.T @ torch.cat([h, _ones(h.shape[0])], 1) / h.shape[0] for h, g in zip(hs, gs)]
     directions = [_kfac_direction(a, gg, grad, lam) for (a, gg), grad in zip(factors, grads)]
     quadratic = lr * lr * sum(float((d * grad).sum()) for d, grad in zip(directions, grads))
@@ -165,7 +144,7 @@ def test_kfac_kl_clipping(weight_grads, clip_active):
                statistics_period=1, inverse_period=1, kl_clip=kl_clip, weight_grads=weight_grads)
     opt.update_statistics(x)
     opt.zero_grad()
-    _loss(model, x, y).backward()
+    mean_squared_error(model, x, y).backward()
     opt.step()
     for layer, d, theta in zip(linear_layers(model), directions, before):
         after = torch.cat([layer.weight, layer.bias[:, None]], 1)
@@ -184,11 +163,11 @@ def test_heavy_ball_momentum_is_the_recursion(cls, hyper, check_every):
     opt = cls(model, lr=lr, momentum=mu, check_every=check_every, **hyper)
     if cls is ACP:
         opt.update_statistics(x_stats)
-        covariances = [torch.cov(h.T, correction=0) for h in _hooks_pass(model, x_stats, torch.zeros(20, 2, **F64))[0]]
+        covariances = [torch.cov(h.T, correction=0) for h in layer_inputs_and_gradients(model, x_stats, torch.zeros(20, 2, **F64))[0]]
     buffers = None
     for step in range(4):
         x, y = torch.randn(5, 3, **F64), torch.randn(5, 2, **F64)
-        hs, gs = _hooks_pass(model, x, y)
+        hs, gs = layer_inputs_and_gradients(model, x, y)
         theta = [(l.weight.detach().clone(), l.bias.detach().clone()) for l in linear_layers(model)]
         directions = []
         for k, (h, g) in enumerate(zip(hs, gs)):
@@ -201,7 +180,7 @@ def test_heavy_ball_momentum_is_the_recursion(cls, hyper, check_every):
         buffers = directions if buffers is None else [
             (mu * bw + dw, mu * bb + db) for (bw, bb), (dw, db) in zip(buffers, directions)]
         opt.zero_grad()
-        _loss(model, x, y).backward()
+        mean_squared_error(model, x, y).backward()
         opt.step()
         for layer, (w, b), (bw, bb) in zip(linear_layers(model), theta, buffers):
             assert torch.allclose(layer.weight, w - lr * bw, rtol=0, atol=1e-12), step
@@ -220,7 +199,7 @@ def test_a_non_finite_statistics_minibatch_is_named(make, seed, bad_value):
     x_bad[seed % x.shape[0], 1] = bad_value
     opt.update_statistics(x_bad)
     opt.zero_grad()
-    _loss(model, x, y).backward()
+    mean_squared_error(model, x, y).backward()
     with pytest.raises(DivergenceError, match="statistics minibatch contained non-finite values"):
         opt.step()
 
@@ -232,7 +211,7 @@ def test_kfac_bernoulli_refuses_outputs_that_are_not_probabilities():
     opt = KFAC(model, loss="bernoulli", statistics_period=1, inverse_period=1)
     opt.update_statistics(x)
     opt.zero_grad()
-    _loss(model, x, y).backward()
+    mean_squared_error(model, x, y).backward()
     with pytest.raises(ValueError, match=r"expects the model's outputs to be probabilities in \[0, 1\]"):
         opt.step()
     # with a sigmoid output layer the same loss is accepted
@@ -241,7 +220,7 @@ def test_kfac_bernoulli_refuses_outputs_that_are_not_probabilities():
     opt = KFAC(model, loss="bernoulli", statistics_period=1, inverse_period=1)
     opt.update_statistics(x)
     opt.zero_grad()
-    _loss(model, x, torch.rand_like(y)).backward()
+    mean_squared_error(model, x, torch.rand_like(y)).backward()
     opt.step()
 
 

@@ -13,6 +13,7 @@ from fso_lib.losses import SquaredError
 from fso_lib.models import mlp
 from fso_lib.optim import ACP, KFAC, NaturalNeuralNetwork
 from fso_lib.training import training_step
+from reference_checks import assert_quadratic_model_step
 
 F64 = dict(dtype=torch.float64)
 REFERENCE = SquaredError()  # the loss "squared_error" of the optimizers' quadratic model
@@ -81,15 +82,7 @@ def test_the_quadratic_model_step_is_the_minimizer_along_the_methods_own_directi
         alpha, mu = opt.last_step_coefficients.tolist()
         curvature = dense_fisher + opt.damping * torch.eye(len(theta), **F64)
         assert float(gradient @ proposal) < 0  # the method's direction descends
-        if previous is None:
-            assert mu == 0
-            assert alpha == pytest.approx(float(-(gradient @ proposal) / (proposal @ curvature @ proposal)), rel=1e-9)
-            assert torch.allclose(delta, alpha * proposal, rtol=1e-9, atol=1e-13)
-        else:
-            assert torch.allclose(delta, alpha * proposal + mu * previous, rtol=1e-9, atol=1e-13)
-            directions = torch.stack([proposal, previous])
-            assert torch.allclose((directions @ curvature @ directions.T) @ torch.tensor([alpha, mu], **F64),
-                                  -(directions @ gradient), rtol=1e-8, atol=1e-13)
+        assert_quadratic_model_step(delta, proposal, previous, gradient, curvature, alpha, mu)
         predicted = 0.5 * delta @ curvature @ delta + gradient @ delta
         assert float(predicted) < 0
         previous = delta
