@@ -354,15 +354,27 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         return cache[key]
 
     # -- saving -----------------------------------------------------------------------------------
+    #: numbers a subclass keeps as attributes and saves beside torch's state (schedule periods, logged values); the
+    #: names of every class of the MRO are saved
+    saved_attributes: tuple = ()
+
+    def _saved_attribute_names(self) -> list[str]:
+        return [name for cls in type(self).__mro__ for name in cls.__dict__.get("saved_attributes", ())]
+
     def state_dict(self):
         sd = super().state_dict()
         sd["n_updates"] = self.n_updates
+        for name in self._saved_attribute_names():
+            sd[name] = getattr(self, name)
         return sd
 
     def load_state_dict(self, state_dict):
         state_dict = dict(state_dict)
         self.n_updates = int(state_dict.pop("n_updates", 0))
         self._device_updates.fill_(self.n_updates)
+        for name in self._saved_attribute_names():
+            if name in state_dict:
+                setattr(self, name, type(getattr(self, name))(state_dict.pop(name)))
         super().load_state_dict(state_dict)
 
     def remove_hooks(self) -> None:

@@ -83,6 +83,8 @@ class EKFAC(KFAC):
     one elementwise division.
     """
 
+    saved_attributes = ("scale_period",)
+
     def __init__(self, model: nn.Module, lr: float = 0.01, damping: float = 1e-3, momentum: float = 0.9,
                  loss="squared_error", statistics_period: int = 10, eigenbasis_period: int = 100,
                  scale_period: int = 10, running_average: float = 0.95, **kfac_options):
@@ -182,13 +184,6 @@ class EKFAC(KFAC):
         direction = u_g @ scaled @ u_a.T
         return direction[:, :n_in], direction[:, n_in]
 
-    def state_dict(self):
-        sd = super().state_dict()
-        sd["scale_period"] = self.scale_period
-        return sd
-
     def load_state_dict(self, state_dict):
-        state_dict = dict(state_dict)
-        self.scale_period = int(state_dict.pop("scale_period", self.scale_period))
-        self._scale_batch = None
+        self._scale_batch = None  # a statistics pass of before the save is not this run's
         super().load_state_dict(state_dict)

@@ -136,6 +136,7 @@ class KFAC(QuadraticModelSteps, LayerwiseOptimizer):
     """
 
     forms_weight_gradient = True
+    saved_attributes = ("statistics_period", "inverse_period")
 
     def __init__(
         self,
@@ -309,17 +310,6 @@ class KFAC(QuadraticModelSteps, LayerwiseOptimizer):
         scale = torch.where(quadratic > self.kl_clip, (self.kl_clip / quadratic).sqrt(), torch.ones_like(quadratic))
         return [(dw * scale, db * scale) for dw, db in updates]
 
-    def state_dict(self):
-        sd = super().state_dict()
-        sd["statistics_period"] = self.statistics_period
-        sd["inverse_period"] = self.inverse_period
-        return sd
-
-    def load_state_dict(self, state_dict):
-        state_dict = dict(state_dict)
-        self.statistics_period = int(state_dict.pop("statistics_period", self.statistics_period))
-        self.inverse_period = int(state_dict.pop("inverse_period", self.inverse_period))
-        super().load_state_dict(state_dict)
 
 
 def factored_damping(input_factor: torch.Tensor, gradient_factor: torch.Tensor, damping) -> tuple:

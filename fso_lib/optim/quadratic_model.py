@@ -266,6 +266,7 @@ class QuadraticModelSteps:
     """
 
     step_rule = "fixed"
+    saved_attributes = ("last_rho",)  # saved by LayerwiseOptimizer.state_dict
     damping_adaptation = False
     last_rho = float("nan")
     last_step_coefficients = None
@@ -479,12 +480,3 @@ class QuadraticModelSteps:
             group["damping"] = levenberg_marquardt_damping(group["damping"], rho, self.damping_adaptation_period,
                                                            self.damping_bounds, predicted_decrease=predicted_value < 0)
 
-    def state_dict(self):
-        sd = super().state_dict()
-        sd["last_rho"] = self.last_rho
-        return sd
-
-    def load_state_dict(self, state_dict):
-        state_dict = dict(state_dict)
-        self.last_rho = float(state_dict.pop("last_rho", float("nan")))
-        super().load_state_dict(state_dict)

@@ -115,6 +115,8 @@ class Shampoo(_KroneckerStatistics):
     in the state and round-trip through ``state_dict``.
     """
 
+    saved_attributes = ("root_period",)
+
     def __init__(self, model: nn.Module, lr: float = 0.01, damping: float = 1e-4, momentum: float = 0.9,
                  factor_decay: float | None = 0.95, root_period: int = 10, grafting: str = "none",
                  graft_beta2: float = 0.999, graft_eps: float = 1e-8, check_finite: bool = True,
@@ -165,15 +167,6 @@ class Shampoo(_KroneckerStatistics):
         self._pending[group["layer"]] = pending
         return direction[:, :n_in], direction[:, n_in]
 
-    def state_dict(self):
-        sd = super().state_dict()
-        sd["root_period"] = self.root_period
-        return sd
-
-    def load_state_dict(self, state_dict):
-        state_dict = dict(state_dict)
-        self.root_period = int(state_dict.pop("root_period", self.root_period))
-        super().load_state_dict(state_dict)
 
 
 class SOAP(_KroneckerStatistics):
@@ -206,6 +199,8 @@ class SOAP(_KroneckerStatistics):
     but hold round-off (≈ 1e-7·‖Γ‖ in float32), and Adam's ``m̂/(√v̂ + ε)`` turns them into steps of size up to
     ``lr`` unless ``eps`` is well above that round-off. Plain Adam has no such coordinates (no rotation).
     """
+
+    saved_attributes = ("eigenbasis_period",)
 
     def __init__(self, model: nn.Module, lr: float = 3e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, factor_decay: float = 0.95, eigenbasis_period: int = 10,
@@ -258,12 +253,3 @@ class SOAP(_KroneckerStatistics):
         self._pending[group["layer"]] = pending
         return direction[:, :n_in], direction[:, n_in]
 
-    def state_dict(self):
-        sd = super().state_dict()
-        sd["eigenbasis_period"] = self.eigenbasis_period
-        return sd
-
-    def load_state_dict(self, state_dict):
-        state_dict = dict(state_dict)
-        self.eigenbasis_period = int(state_dict.pop("eigenbasis_period", self.eigenbasis_period))
-        super().load_state_dict(state_dict)
