@@ -57,9 +57,9 @@ class RaceConfig:
     out: str = "data/results/race_cpu"
     task: str = "autoencoder"
     methods: tuple = RACE_METHODS
-    rounds: tuple = (16, 8)  # trials per round; round 2 and later search around the best so far
+    rounds: tuple = (12, 8)  # trials per round; round 2 and later search around the best so far
     narrow_width: float = 0.25
-    horizon: int = 1500  # updates per tuning trial (the budget arithmetic: see data/results/README.md)
+    horizon: int = 1000  # updates per tuning trial (the budget arithmetic: see data/results/README.md)
     tuning_seed: int = 0  # data order and initialization of every tuning trial
     search: str = "biased"
     final_seeds: tuple = (1, 2, 3)
