@@ -135,6 +135,52 @@ def plot_race(runs: list[Run], title: str | None = None, axes=None, log_y: bool 
     return fig, axes
 
 
+
+def plot_race_bands(runs: list[Run], reference: dict[str, dict[int, float]] | None = None, title: str | None = None,
+                    methods: list[str] | None = None, log_y: bool = True):
+    """:func:`plot_race` for a race run on several seeds: per method the median over its seeds with a shaded
+    min–max band (:func:`seed_band`). ``reference``: ``method → {updates: loss}`` drawn as hollow circles on the
+    updates panel (the thesis's figure 6.2, read by :func:`fso_lib.bench.verdict.thesis_figure_6_2`; keys are
+    our method names)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    panels = [("updates", "train", "train loss vs updates"), ("time", "train", "train loss vs time"),
+              ("time", "test", "test loss vs time")]
+    for ax, (x_axis, which, panel_title) in zip(axes, panels):
+        for band in method_bands(runs, x_axis, which, methods):
+            if not len(band.x):
+                continue
+            color = method_color(band.method)
+            ax.plot(band.x, band.median, color=color, lw=1.5, label=band.label)
+            if band.n_runs > 1:
+                ax.fill_between(band.x, band.low, band.high, color=color, alpha=0.2, lw=0)
+            if band.diverged:
+                ax.plot(band.x[-1], band.median[-1], "x", color=color, ms=8)
+        ax.set_xscale("log")
+        if log_y:
+            ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel(X_AXES[x_axis][1])
+        ax.set_ylabel(f"{which} loss (squared error)")
+        ax.set_title(panel_title)
+    shown = {r.method for r in runs}
+    for method, points in (reference or {}).items():
+        if method in shown and points:
+            xs = sorted(points)
+            axes[0].plot(xs, [points[x] for x in xs], "o", mfc="none", color=method_color(method), ms=6)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if reference:
+        handles.append(plt.Line2D([], [], ls="none", marker="o", mfc="none", color="0.3"))
+        labels.append("thesis, figure 6.2")
+    fig.subplots_adjust(wspace=0.32, top=0.86, bottom=0.14, right=0.82)
+    fig.legend(handles, labels, loc="center right", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return fig, axes
+
+
 # ----------------------------------------------------------------------------- tables
 def loss_at_time(run: Run, seconds: float, which: str = "train") -> float:
     """The loss at the last evaluation at or before ``seconds`` of training; NaN before the first evaluation
