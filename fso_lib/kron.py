@@ -25,6 +25,9 @@ from torch import nn
 
 from .layer_stats import LayerCapture, augmented_second_moment
 
+#: The activation modules :func:`sequential_backward_factors` accepts: element-wise, so their Jacobian is diagonal.
+ELEMENTWISE_ACTIVATIONS = (nn.Sigmoid, nn.Tanh, nn.ReLU, nn.Softplus, nn.Identity)
+
 __all__ = [
     "vec",
     "unvec",
@@ -36,6 +39,7 @@ __all__ = [
     "per_example_parameter_jacobians",
     "preactivation_jacobians",
     "backward_factors",
+    "sequential_backward_factors",
     "factored_block",
     "APPROXIMATIONS",
     "relative_error",
@@ -143,6 +147,57 @@ def backward_factors(jac_a: torch.Tensor, output_hessians: torch.Tensor | None =
     return torch.einsum("nkr,nkl,nls->nrs", jac_a, output_hessians, jac_a)
 
 
+def sequential_backward_factors(model: nn.Sequential, x: torch.Tensor, loss, target: torch.Tensor,
+                                dtype: torch.dtype = torch.float64):
+    """The exact ``B_i = J_{a_i}ᵀ D_i J_{a_i}`` of every linear layer of an MLP, by the backward recursion (§6.3).
+
+    ``model`` is an ``nn.Sequential`` of ``nn.Linear`` layers and element-wise activations (the book's MLPs);
+    ``D_i = loss.output_hessian(f(x_i), y_i)`` is the loss's Hessian w.r.t. the network output (``2I`` for the
+    book's squared error ``‖f − y‖²``). With ``Φ'_l = diag(φ_l'(a_l))`` (the activations that follow layer ``l``,
+    composed) and ``a_{l+1} = W_{l+1} φ_l(a_l) + b_{l+1}``, the chain rule ``J_{a_l} = J_{a_{l+1}} W_{l+1} Φ'_l``
+    gives, per example,
+
+    ``B_L = Φ'_L D Φ'_L``,   ``B_l = Φ'_l W_{l+1}ᵀ B_{l+1} W_{l+1} Φ'_l``,
+
+    so no Jacobian (d × n_out per example) is formed: one (n_out × n_out) matrix per example and layer.
+    A generator, last layer first: yields ``(index, h, b)`` with ``index`` the layer's position among the linear
+    layers, ``h`` its inputs (n, n_in) and ``b`` (n, n_out, n_out), all in ``dtype``; only the current layer's and
+    the next one's factors are held. The forward pass uses the parameters directly (no module hooks run), without
+    autograd. Meant for networks whose widest layer fits n × n_out² numbers in memory.
+    """
+    inputs, weights, slopes = [], [], []
+    h = x.detach().to(dtype)
+    with torch.no_grad():
+        for module in model:
+            if isinstance(module, nn.Linear):
+                weight = module.weight.detach().to(dtype)
+                bias = None if module.bias is None else module.bias.detach().to(dtype)
+                inputs.append(h)
+                weights.append(weight)
+                h = torch.nn.functional.linear(h, weight, bias)
+                slopes.append(torch.ones_like(h))
+            elif isinstance(module, ELEMENTWISE_ACTIVATIONS):
+                if not weights:
+                    raise ValueError("sequential_backward_factors: the network must start with an nn.Linear layer.")
+                # φ'(a) of an element-wise function: its Jacobian-vector product with a vector of ones
+                _, slope = torch.func.jvp(module.forward, (h,), (torch.ones_like(h),))
+                slopes[-1] = slopes[-1] * slope
+                h = module.forward(h)
+            else:
+                raise ValueError(f"sequential_backward_factors: {type(module).__name__} is neither nn.Linear nor one of "
+                                 f"the element-wise activations {[c.__name__ for c in ELEMENTWISE_ACTIVATIONS]}.")
+        output_hessians = loss.output_hessian(h, target.detach().to(dtype))          # (n, d, d)
+        last = len(weights) - 1
+        b = slopes[last][:, :, None] * output_hessians * slopes[last][:, None, :]
+        del output_hessians
+        for index in range(last, -1, -1):
+            if index < last:
+                w = weights[index + 1]                                                # (n_out_{l+1}, n_out_l)
+                b = torch.matmul(torch.matmul(w.T, b), w)
+                b = slopes[index][:, :, None] * b * slopes[index][:, None, :]
+            yield index, inputs[index], b
+
+
 #: The approximations of a layer's block that chapter 6 compares; the argument ``kind`` of :func:`factored_block`.
 APPROXIMATIONS = {
     "sum_of_kronecker": "(1/n) Σ_i A_i ⊗ B_i, eq. 6.3.2 (exact for the block)",
@@ -203,14 +258,16 @@ def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(approx - exact) / torch.linalg.matrix_norm(exact))
 
 
-def relative_errors_matrix_free(h: torch.Tensor, b_factors: torch.Tensor, alpha: float | None = None) -> dict[str, float]:
+def relative_errors_matrix_free(h: torch.Tensor, b_factors: torch.Tensor, alpha: float | None = None,
+                                with_exact_norm: bool = False) -> dict[str, float]:
     """``‖approx − F‖_F / ‖F‖_F`` for the ``"kfac"``, ``"acp"`` and ``"ekfac"`` blocks of :func:`factored_block`,
     without forming any (n_in+1)·n_out square matrix: for layers whose block is too large to store.
 
     With ``F = (1/n) Σ_i a_i a_iᵀ ⊗ B_i``: ``‖F‖² = (1/n²) Σ_ij (a_iᵀa_j)² ⟨B_i, B_j⟩``, ``⟨F, Ā ⊗ M⟩ =
     (1/n) Σ_i (a_iᵀ Ā a_i) ⟨B_i, M⟩``, ``‖Ā ⊗ M‖² = ‖Ā‖² ‖M‖²``; for EKFAC's ``D = Q diag(s) Qᵀ`` with
     ``s = diag(Qᵀ F Q)``, ``⟨F, D⟩ = ‖D‖² = ‖s‖²``, so ``‖F − D‖² = ‖F‖² − ‖s‖²`` (Pythagoras). ``alpha`` as in
-    :func:`factored_block`. Costs O(n² (n_in + n_out²)) for the Gram matrices."""
+    :func:`factored_block`. Costs O(n² (n_in + n_out²)) for the Gram matrices. ``with_exact_norm`` adds the key
+    ``"exact_norm"``: ``‖F‖_F`` itself."""
     n, n_out = b_factors.shape[0], b_factors.shape[1]
     ha = augment(h)
     a_factor, b_mean = ha.T @ ha / n, b_factors.mean(dim=0)
@@ -230,4 +287,7 @@ def relative_errors_matrix_free(h: torch.Tensor, b_factors: torch.Tensor, alpha:
     _, u_b = torch.linalg.eigh(b_mean)
     scales = (ha @ u_a).square().T @ torch.einsum("rk,nrs,sk->nk", u_b, b_factors, u_b) / n
     errors_sq["ekfac"] = exact_sq - float(scales.square().sum())
-    return {kind: max(value, 0.0) ** 0.5 / exact_sq ** 0.5 for kind, value in errors_sq.items()}
+    errors = {kind: max(value, 0.0) ** 0.5 / exact_sq ** 0.5 for kind, value in errors_sq.items()}
+    if with_exact_norm:
+        errors["exact_norm"] = exact_sq ** 0.5
+    return errors

@@ -13,6 +13,11 @@ every curvature taken on one fixed batch: the first ``--curvature-images`` train
   ``G_GN`` and of ``P^{-1/2} G_GN P^{-1/2}`` for K-FAC's and ACP's ``P``, whose factors are estimated on the
   same fixed batch; ``trace``: Hutchinson estimates (``--trace-probes`` Rademacher probes) of the traces of the
   same three operators, i.e. their mean eigenvalues.
+* ``blocks``: at the same ``--points`` of the same SGD and ACP runs (replayed), for each of the 8 linear layers, the
+  relative Frobenius errors ``‖F̃ − F‖_F / ‖F‖_F`` of K-FAC's, ACP's and EKFAC's blocks to the layer's exact GN block
+  ``F`` (eq. 6.3.2) on the first ``--block-images`` training images, with the exact per-example factors
+  ``B_i = J_aᵀ (2I) J_a`` from the backward recursion (``fso_lib.kron.sequential_backward_factors``) and the errors
+  from Gram matrices of the examples (``fso_lib.kron.relative_errors_matrix_free``), in float64; no block is formed.
 
 Writes JSON lines to ``OUT/spectrum.jsonl`` as it goes (one record per measurement); a rerun skips the
 measurements already there (training is deterministic and is replayed; an unfinished GD run is restarted).
@@ -35,9 +40,10 @@ sys.path.insert(0, str(ROOT))
 
 from fso_lib.curvature import parameter_layout  # noqa: E402
 from fso_lib.data import load_mnist  # noqa: E402
+from fso_lib.kron import relative_errors_matrix_free, sequential_backward_factors  # noqa: E402
 from fso_lib.losses import SquaredError  # noqa: E402
 from fso_lib.matrix_free import CurvatureProducts  # noqa: E402
-from fso_lib.models import deep_autoencoder  # noqa: E402
+from fso_lib.models import deep_autoencoder, linear_layers  # noqa: E402
 from fso_lib.optim import ACP, KFAC  # noqa: E402
 from fso_lib.spectrum import (  # noqa: E402
     acp_preconditioner, hutchinson_trace, kfac_preconditioner, lanczos, preconditioned_operator,
@@ -50,7 +56,7 @@ LOSS = SquaredError()
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "data/results/spectrum"))
-    p.add_argument("--stages", default="training,eos,preconditioned,trace", help="comma-separated, run in this order")
+    p.add_argument("--stages", default="training,eos,preconditioned,trace,blocks", help="comma-separated, run in this order")
     p.add_argument("--curvature-images", type=int, default=1000)
     p.add_argument("--points", default="0,500,3000")
     p.add_argument("--methods", default="sgd,acp")
@@ -66,6 +72,7 @@ def parse(argv=None):
     p.add_argument("--k-preconditioned", type=int, default=20)
     p.add_argument("--iterations-preconditioned", type=int, default=60)
     p.add_argument("--trace-probes", type=int, default=20, help="Hutchinson probes per operator (stage trace)")
+    p.add_argument("--block-images", type=int, default=200, help="examples of the exact layer blocks (stage blocks)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     return p.parse_args(argv)
@@ -122,29 +129,26 @@ def measure_point(log: Log, args, model, x, method: str, update: int, train_loss
                    "cpu_s": time.process_time() - start})
 
 
-def run_training(log: Log, args, data) -> None:
-    points = sorted(int(p) for p in args.points.split(","))
-    x_curv = data[: args.curvature_images]
-    for method in args.methods.split(","):
-        keys = [f"training/{method}/{u}/{m}" for u in points for m in ("gauss_newton", "hessian", "hessian_smallest")]
-        if all(key in log.done for key in keys):
-            continue
-        model = deep_autoencoder(init="sparse", seed=args.seed)
-        hp = tuned(method)
-        if method == "sgd":
-            optimizer = torch.optim.SGD(model.parameters(), lr=hp["lr"])
-        elif method == "acp":
-            optimizer = ACP(model, lr=hp["lr"], damping=hp["damping"], alpha=None, amortization_period=100)
-        else:
-            raise ValueError(f"unknown method {method}")
-        log.write({"kind": "training_config", "method": method, "hyperparameters": hp,
-                   "source": "data/results/tuned_cpu.json (CPU race of 2026-11-27, tuned on 300 updates)"})
-        batches = minibatches(len(data), args.batch_size, torch.Generator().manual_seed(args.seed))
-        statistics = minibatches(len(data), args.batch_size, torch.Generator().manual_seed(args.seed + 1000))
-        last_loss = None
+def replay_training(args, data, method: str, points: list[int]):
+    """SGD's or ACP's run (tuned hyperparameters, minibatch ``--batch-size``, data order seed ``--seed``), replayed
+    deterministically: yields ``(update, model, last_minibatch_loss)`` at each update of ``points`` (the model before
+    that update), stops after the last one. The model must not be changed by the consumer."""
+    points = sorted(points)
+    model = deep_autoencoder(init="sparse", seed=args.seed)
+    hp = tuned(method)
+    if method == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=hp["lr"])
+    elif method == "acp":
+        optimizer = ACP(model, lr=hp["lr"], damping=hp["damping"], alpha=None, amortization_period=100)
+    else:
+        raise ValueError(f"unknown method {method}")
+    batches = minibatches(len(data), args.batch_size, torch.Generator().manual_seed(args.seed))
+    statistics = minibatches(len(data), args.batch_size, torch.Generator().manual_seed(args.seed + 1000))
+    last_loss = None
+    try:
         for update in range(points[-1] + 1):
             if update in points:
-                measure_point(log, args, model, x_curv, method, update, last_loss)
+                yield update, model, last_loss
             if update == points[-1]:
                 break
             x = data[next(batches)]
@@ -157,8 +161,62 @@ def run_training(log: Log, args, data) -> None:
             last_loss = float(loss.detach())
             if not torch.isfinite(loss.detach()):
                 raise FloatingPointError(f"{method} diverged at update {update}")
+    finally:
         if isinstance(optimizer, ACP):
             optimizer.remove_hooks()
+
+
+def run_training(log: Log, args, data) -> None:
+    points = sorted(int(p) for p in args.points.split(","))
+    x_curv = data[: args.curvature_images]
+    for method in args.methods.split(","):
+        keys = [f"training/{method}/{u}/{m}" for u in points for m in ("gauss_newton", "hessian", "hessian_smallest")]
+        if all(key in log.done for key in keys):
+            continue
+        log.write({"kind": "training_config", "method": method, "hyperparameters": tuned(method),
+                   "source": "data/results/tuned_cpu.json (CPU race of 2026-11-27, tuned on 300 updates)"})
+        for update, model, last_loss in replay_training(args, data, method, points):
+            measure_point(log, args, model, x_curv, method, update, last_loss)
+
+
+def measure_blocks(log: Log, args, model, x, method: str, update: int, train_loss: float | None) -> None:
+    """Relative Frobenius errors of K-FAC's, ACP's and EKFAC's blocks to each linear layer's exact GN block."""
+    n_layers = len(linear_layers(model))
+    with torch.no_grad():   # each module's forward, not model(x): no optimizer hook sees this batch
+        output = x
+        for module in model:
+            output = module.forward(output)
+        batch_loss = float(LOSS(output, x))
+    start = time.process_time()
+    # the exact per-example B_i = J_aᵀ D J_a (D = 2I, the squared error's output Hessian) of every layer, last first
+    for index, h, b in sequential_backward_factors(model, x, LOSS, x, dtype=torch.float64):
+        key = f"blocks/{method}/{update}/{index}"
+        if key not in log.done:
+            n_in, n_out = h.shape[1], b.shape[1]
+            alpha = float(torch.diagonal(b, dim1=1, dim2=2).mean())   # tr(B̄)/n_out: ACP's block with K-FAC's trace
+            result = relative_errors_matrix_free(h, b, alpha=alpha, with_exact_norm=True)
+            log.write({"key": key, "kind": "blocks", "method": method, "update": update, "layer": index,
+                       "n_layers": n_layers, "n_in": n_in, "n_out": n_out, "block_size": (n_in + 1) * n_out,
+                       "n_examples": len(x), "examples": f"training images 0..{len(x) - 1}",
+                       "errors": {k: result[k] for k in ("ekfac", "kfac", "acp")},
+                       "exact_frobenius_norm": result["exact_norm"], "acp_alpha": alpha,
+                       "block_batch_loss": batch_loss, "last_minibatch_loss": train_loss,
+                       "cpu_s": time.process_time() - start})
+        del h, b
+        start = time.process_time()
+
+
+def run_blocks(log: Log, args, data) -> None:
+    """At the training points of SGD's and ACP's runs (replayed), the Frobenius errors of every layer's block."""
+    points = sorted(int(p) for p in args.points.split(","))
+    x_blocks = data[: args.block_images]
+    n_layers = len(linear_layers(deep_autoencoder(init="sparse", seed=args.seed)))
+    for method in args.methods.split(","):
+        missing = [u for u in points if any(f"blocks/{method}/{u}/{k}" not in log.done for k in range(n_layers))]
+        if not missing:
+            continue
+        for update, model, last_loss in replay_training(args, data, method, missing):
+            measure_blocks(log, args, model, x_blocks, method, update, last_loss)
 
 
 def run_eos(log: Log, args, data) -> None:
@@ -306,7 +364,8 @@ def main(argv=None) -> None:
                "curvature_batch": f"training images 0..{args.curvature_images - 1}",
                "loss": "squared error summed over the 784 pixels, mean over images"})
     stages = args.stages.split(",")
-    runners = {"training": run_training, "eos": run_eos, "preconditioned": run_preconditioned, "trace": run_trace}
+    runners = {"training": run_training, "eos": run_eos, "preconditioned": run_preconditioned, "trace": run_trace,
+               "blocks": run_blocks}
     unknown = set(stages) - set(runners)
     if unknown:
         raise SystemExit(f"unknown stages {sorted(unknown)}; choose among {sorted(runners)}")

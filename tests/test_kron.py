@@ -136,3 +136,47 @@ def test_default_acp_alpha_matches_the_trace_of_the_kfac_block_not_of_the_exact_
     exact = factored_block(h, b_factors, "sum_of_kronecker")
     torch.testing.assert_close(torch.trace(acp), torch.trace(kfac), rtol=1e-12, atol=0)
     assert abs(float(torch.trace(acp) - torch.trace(exact))) > 1e-3 * float(torch.trace(exact))
+
+
+@pytest.mark.parametrize("sizes, activation, output_activation, identity_layers", [
+    ((6, 5, 3, 2, 3, 5, 6), "sigmoid", "sigmoid", (2,)),   # a small autoencoder: linear code layer, sigmoid outputs
+    ((4, 7, 3), "tanh", "identity", ()),
+])
+def test_sequential_backward_factors_match_the_jacobians(sizes, activation, output_activation, identity_layers):
+    from fso_lib.kron import sequential_backward_factors
+    torch.manual_seed(0)
+    net = mlp(sizes, activation=activation, output_activation=output_activation,
+              linear_layers_without_activation=identity_layers)
+    x = torch.rand(9, sizes[0])
+    target = torch.rand(9, sizes[-1], **F64)
+    out, inputs, jacobians = preactivation_jacobians(net.double(), x.double())
+    reference = [backward_factors(jac, SquaredError().output_hessian(out, target)) for jac in jacobians]
+    net.float()   # the recursion casts a float32 network's parameters itself
+    seen = []
+    for index, h, b in sequential_backward_factors(net, x, SquaredError(), target):
+        assert b.dtype == torch.float64
+        assert torch.allclose(h, inputs[index].double(), atol=1e-6)
+        # the float32 parameters, cast: agreement to float32 rounding
+        assert torch.allclose(b, reference[index], rtol=1e-5, atol=1e-7), index
+        seen.append(index)
+    assert seen == list(range(len(linear_layers(net))))[::-1]
+
+
+def test_sequential_backward_factors_refuse_a_module_that_is_not_elementwise():
+    from fso_lib.kron import sequential_backward_factors
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Softmax(dim=1), torch.nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="Softmax"):
+        list(sequential_backward_factors(net, torch.randn(2, 3), SquaredError(), torch.randn(2, 2)))
+
+
+def test_matrix_free_exact_norm_is_the_dense_blocks_norm():
+    from fso_lib.kron import relative_errors_matrix_free
+    net = _net(1, (4, 5, 3))
+    x, y = torch.randn(7, 4, **F64), torch.randn(7, 3, **F64)
+    out, inputs, jacobians = preactivation_jacobians(net, x)
+    for h, jac in zip(inputs, jacobians):
+        b = backward_factors(jac, SquaredError().output_hessian(out, y))
+        result = relative_errors_matrix_free(h, b, with_exact_norm=True)
+        dense = float(torch.linalg.matrix_norm(factored_block(h, b, "sum_of_kronecker")))
+        assert abs(result["exact_norm"] - dense) < 1e-10 * dense
+        assert set(relative_errors_matrix_free(h, b)) == {"kfac", "acp", "ekfac"}
