@@ -9,7 +9,7 @@
 #          scripts/run_race.sh --stage tune    # only the tuning; --stage final: only the final runs
 # Settings (environment variables, defaults in brackets):
 #   OUT [data/results/race_cpu]   PYTHON [.venv/bin/python if present, else python]
-# Every other argument goes to `python -m fso_lib.bench race` (see its --help), e.g. --workers 1 --threads 2.
+# Every other argument goes to `python -m fso_lib.bench race` (see its --help), e.g. --workers 1 --threads 2 --clock wall (the process clock needs 1 thread per run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-data/results/race_cpu}

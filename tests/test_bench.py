@@ -413,3 +413,24 @@ def test_table41_thesis_build_resumes_where_it_stopped(tmp_path, monkeypatch):
     assert table41.TableObjective(resumed)({"lr": 1e-3 * 1.01, "init_scale": 0.26}) == whole["costs"][0][0]
     with pytest.raises(SystemExit, match="another table"):
         table41.build_table_resumable(4, tmp_path / "killed", executor=SerialExecutor(), echo=lambda *a: None)
+
+
+def test_the_process_clock_drives_the_time_budget(tmp_path, monkeypatch):
+    """clock="process" reads time.process_time (through runner.CLOCKS): a fake CPU clock that advances 0.25 s per
+    reading stops a 2-second run after a number of updates fixed by the readings, not by the machine's load."""
+    from fso_lib.bench import runner
+
+    readings = iter(range(10_000))
+    monkeypatch.setitem(runner.CLOCKS, "process", lambda: 0.25 * next(readings))
+    result = run(small(max_seconds=2.0, eval_every=1000, clock="process"), tmp_path)
+    records = read_records(run_paths(tmp_path, result.name)[0])
+    assert records[0]["config"]["clock"] == "process"
+    # one reading at the start and one per update: 2.0 s are spent after 8 updates; one more reading stops the clock
+    assert result.status == "completed" and result.updates == 8 and result.seconds == 2.25
+
+
+def test_clock_choices_are_checked():
+    with pytest.raises(ValueError, match="clock must be one of"):
+        small(max_updates=5, clock="cpu")
+    with pytest.raises(ValueError, match="GPU"):
+        small(max_updates=5, clock="process", device="cuda")

@@ -89,6 +89,7 @@ def test_final_runs_use_distinct_seeds_other_than_the_tuning_seed(race):
             curves.append([r["train_loss"] for r in records if r["type"] == "eval"][:3])
             assert records[-1]["type"] == "end" and records[-1]["update"] >= 12  # min_updates beyond the time budget
             assert "1 torch thread" in records[0]["config"]["note"]
+            assert records[0]["config"]["clock"] == config.clock == "process"  # the race's default clock
         assert [h["config"]["seed"] for h in headers] == [1, 2]
         assert headers[0]["hyperparameters"] == headers[1]["hyperparameters"]
         assert curves[0][0] != curves[1][0]  # another initialization ...
@@ -161,7 +162,7 @@ def test_plan_counts_the_quadratic_model_rule_of_kfac_from_the_speed_file(tmp_pa
                          "kfac": {"amortized_ms": 20.0, "breakdown_ms": {"forward": 4.0, "statistics": 1.0}},
                          "kfac_quadratic_model": {"amortized_ms": 50.0, "breakdown_ms": {}}}}
     (tmp_path / "speed.json").write_text(json.dumps(speed))
-    config = RaceConfig(methods=("kfac",), rounds=(4, 2), horizon=100, trial_eval_every=100, threads=2,
+    config = RaceConfig(methods=("kfac",), rounds=(4, 2), horizon=100, trial_eval_every=100, threads=2, clock="wall",
                         final_seeds=(1,), final_seconds=1.0, final_min_updates=10, train_eval_size=1000)
     p = plan(config, tmp_path / "speed.json", tmp_path / "no_old_race")
     row, evals = p["methods"]["kfac"], 2 * p["eval_s"]  # threads=2: the speed file's own condition, slowdown 1
@@ -221,3 +222,9 @@ def test_the_new_domains_contain_the_old_race_settings_and_the_issue_probe():
     probe = {p.name: p.from_unit(0.5) for p in kfac.params}
     probe.update(lr=0.1, damping=0.01, momentum=0.9, kl_clip=0.01, init_scale=1.0)
     assert kfac.contains(probe)
+
+
+def test_the_process_clock_needs_one_thread():
+    with pytest.raises(ValueError, match="threads=1"):
+        RaceConfig(out="unused", threads=2)
+    assert RaceConfig(out="unused", threads=2, clock="wall").clock == "wall"

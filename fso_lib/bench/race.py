@@ -73,6 +73,9 @@ class RaceConfig:
     final_eval_every: int = 1000
     train_eval_size: int = 10_000
     sample: bool | None = None  # True: the 1,000-image MNIST sample (smoke tests)
+    # the final runs' clock (fso_lib.bench.runner.CLOCKS): "process" = CPU seconds of each run's own process, which
+    # with one thread per run is its time on a core nothing else competes for, whatever else the machine does
+    clock: str = "process"
 
     def __post_init__(self):
         self.methods, self.rounds, self.final_seeds = tuple(self.methods), tuple(self.rounds), tuple(self.final_seeds)
@@ -80,6 +83,9 @@ class RaceConfig:
             get_method(name)
         if not self.rounds or min(self.rounds) < 1:
             raise ValueError("every round needs at least one trial")
+        if self.clock == "process" and self.threads != 1:
+            raise ValueError('clock="process" sums the CPU seconds of all threads: use threads=1 with it, '
+                             'or clock="wall".')
 
     #: fields that may change between invocations of one race (they change no trial and no run's definition)
     RESUMABLE = ("workers", "threads", "methods", "final_seeds")
@@ -89,8 +95,9 @@ class RaceConfig:
         return sum(self.rounds)
 
     def note(self) -> str:
+        clock = "CPU seconds of each run's process" if self.clock == "process" else "wall-clock seconds"
         return (f"race: {self.workers} run(s) at a time, {self.threads} torch thread(s) each, "
-                f"on a {os.cpu_count()}-core machine")
+                f"on a {os.cpu_count()}-core machine; clock: {clock}")
 
     def to_json(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -185,7 +192,7 @@ def final_config(config: RaceConfig, method: str, seed: int, params: dict):
                      batch_size=config.batch_size, max_seconds=config.final_seconds,
                      min_updates=config.final_min_updates, eval_every=config.final_eval_every, eval_schedule="log",
                      train_eval_size=config.train_eval_size, seed=seed, sample=config.sample, progress=False,
-                     note=config.note())
+                     note=config.note(), clock=config.clock)
 
 
 def final_finished(config: RaceConfig, method: str, seed: int) -> bool:
@@ -520,6 +527,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--final-eval-every", type=int, default=d.final_eval_every)
     p.add_argument("--train-eval-size", type=int, default=d.train_eval_size)
     p.add_argument("--sample", action="store_true", help="the 1,000-image MNIST sample (smoke runs)")
+    p.add_argument("--clock", choices=("process", "wall"), default=d.clock,
+                   help="the final runs' clock: CPU seconds of each run's process (with --threads 1) or wall clock")
     p.add_argument("--stage", choices=("all", "tune", "final"), default="all")
     p.add_argument("--plan", action="store_true", help="print the budget arithmetic and exit")
     p.add_argument("--quadratic-model-ratio", type=float, default=None,
@@ -538,7 +547,8 @@ def config_from_args(args) -> RaceConfig:
                       final_seconds=args.final_seconds, final_min_updates=args.final_min_updates,
                       workers=args.workers, threads=args.threads, batch_size=args.batch_size,
                       trial_eval_every=args.trial_eval_every, final_eval_every=args.final_eval_every,
-                      train_eval_size=args.train_eval_size, sample=True if args.sample else None)
+                      train_eval_size=args.train_eval_size, sample=True if args.sample else None,
+                      clock=args.clock)
 
 
 def main(argv=None) -> int:

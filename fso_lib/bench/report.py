@@ -40,6 +40,12 @@ class Run:
         return self.header.get("method_label", self.method)
 
     @property
+    def clock(self) -> str:
+        """``"wall"`` or ``"process"`` (CPU seconds of the run's process): what ``times`` count
+        (:data:`fso_lib.bench.runner.CLOCKS`)."""
+        return self.header["config"].get("clock", "wall")
+
+    @property
     def device_label(self) -> str:
         """``GPU: <name>`` or ``CPU: <model> (<threads> threads)``: where the clock ran."""
         machine = self.header.get("machine", {})
