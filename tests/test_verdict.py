@@ -43,7 +43,8 @@ def test_time_and_updates_to_target():
     seconds = time_to_target(runs, 10)
     assert seconds["min"] == 20.0 and seconds["median"] == 20.0 and seconds["max"] == math.inf
     assert updates_to_target(runs, 5)["median"] == 2000.0
-    assert format_stats(seconds) == "20 (20–never)"
+    assert format_stats(seconds, inf="never") == "20 (20–never)"
+    assert format_stats({"median": 5.0, "min": 4.0, "max": math.inf, "n": 3}) == "5 (4–diverged)"
     assert format_stats(None) == "·"
 
 
@@ -107,7 +108,9 @@ def test_digitized_figure_agrees_with_the_thesis_final_ordering():
         assert all(a > b for a, b in zip(values, values[1:]))
 
 
-def test_seed_stats_refuses_empty():
+def test_seed_stats_median_range_and_refusal():
+    from fso_lib.bench.verdict import seed_stats
+
+    assert seed_stats([3.0, 1.0, 2.0, 10.0]) == {"median": 2.5, "min": 1.0, "max": 10.0, "n": 4}
     with pytest.raises(ValueError):
-        from fso_lib.bench.verdict import seed_stats
         seed_stats([])

@@ -336,31 +336,12 @@ def _final_jobs(config: RaceConfig, methods) -> list[tuple]:
 
 
 # ----------------------------------------------------------------------------- results
-def seed_summary(values) -> dict:
-    """Median and min–max over seeds (NaN-free values; inf for a diverged run counts as the worst)."""
-    values = np.asarray(list(values), dtype=float)
-    return {"median": float(np.median(values)), "min": float(values.min()), "max": float(values.max()),
-            "n": int(values.size)}
-
-
-def loss_at(run, x: float, x_axis: str = "updates") -> float:
-    """A final run's train loss at ``x`` updates or training seconds: its last evaluation at or before ``x``;
-    ``inf`` from the evaluation at which a diverged run stopped on; NaN past the end of a run that did not
-    diverge (it did not get that far)."""
-    xs = run.updates if x_axis == "updates" else run.times
-    inside = xs <= x
-    if run.status == "diverged" and len(xs) and x >= xs[-1]:
-        return math.inf
-    if not inside.any() or xs[-1] < x:
-        return math.nan
-    value = float(run.train[inside][-1])
-    return value if math.isfinite(value) else math.inf
-
-
 def final_summary(config: RaceConfig, at_updates=(2000, 10_000), at_seconds=(60, 300, 600)) -> dict:
     """Per method: median, min and max over the final seeds of the train loss at the given updates and
-    training seconds (:func:`loss_at`; a point that a run did not reach is left out for the method)."""
+    training seconds (:func:`fso_lib.bench.verdict.loss_over_seeds`; a point that a run did not reach is left
+    out for the method)."""
     from .report import load_run
+    from .verdict import loss_over_seeds
 
     summary = {}
     for method in config.methods:
@@ -374,10 +355,9 @@ def final_summary(config: RaceConfig, at_updates=(2000, 10_000), at_seconds=(60,
         row = {}
         for x_axis, points in (("updates", at_updates), ("time", at_seconds)):
             for x in points:
-                values = [loss_at(r, x, x_axis) for r in runs]
-                if any(math.isnan(v) for v in values):
-                    continue  # a run did not get that far
-                row[f"{x:g}{' updates' if x_axis == 'updates' else ' s'}"] = seed_summary(values)
+                stats = loss_over_seeds(runs, x, x_axis)
+                if stats is not None:
+                    row[f"{x:g}{' updates' if x_axis == 'updates' else ' s'}"] = stats
         summary[method] = {"seeds": len(runs), **row}
     return summary
 
