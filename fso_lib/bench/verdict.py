@@ -91,13 +91,14 @@ def common_updates(groups: dict[str, list[Run]]) -> int:
     return int(min(run.updates[-1] for runs in groups.values() for run in runs if len(run.updates)))
 
 
-def format_stats(stats: dict | None, digits: int = 3) -> str:
-    """``median (min–max)``; '·' for a point not reached, 'never' for inf."""
+def format_stats(stats: dict | None, digits: int = 3, inf: str = "diverged") -> str:
+    """``median (min–max)``; '·' for a point not reached, ``inf`` for an infinite value ('diverged' for a loss,
+    'never' for a time to reach a loss)."""
     if stats is None:
         return "·"
 
     def one(v):
-        return "never" if math.isinf(v) else f"{v:.{digits}g}"
+        return inf if math.isinf(v) else f"{v:.{digits}g}"
     if stats["n"] == 1 or stats["min"] == stats["max"]:
         return one(stats["median"])
     return f"{one(stats['median'])} ({one(stats['min'])}–{one(stats['max'])})"
