@@ -149,7 +149,6 @@ def plot_race_bands(runs: list[Run], reference: dict[str, dict[int, float]] | No
     updates panel (the thesis's figure 6.2, read by :func:`fso_lib.bench.verdict.thesis_figure_6_2`; keys are
     our method names)."""
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
     panels = [("updates", "train", "train loss vs updates"), ("time", "train", "train loss vs time"),
@@ -158,18 +157,8 @@ def plot_race_bands(runs: list[Run], reference: dict[str, dict[int, float]] | No
         for band in method_bands(runs, x_axis, which, methods):
             if not len(band.x):
                 continue
-            color = method_color(band.method)
-            ax.plot(band.x, band.median, color=color, lw=1.5, label=band.label)
-            if band.n_runs > 1:
-                ax.fill_between(band.x, band.low, band.high, color=color, alpha=0.2, lw=0)
-            if band.diverged:
-                ax.plot(band.x[-1], band.median[-1], "x", color=color, ms=8)
-        ax.set_xscale("log")
-        if log_y:
-            ax.set_yscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel(X_AXES[x_axis][1])
-        ax.set_ylabel(f"{which} loss (squared error)")
+            _draw_band(ax, band, lw=1.5, label=band.label)
+        _loss_axes(ax, x_axis, which, log_y)
         ax.set_title(panel_title)
     shown = {r.method for r in runs}
     for method, points in (reference or {}).items():
@@ -375,6 +364,28 @@ def band_value_at(band: Band, x: float) -> float:
     return float(band.median[inside][-1])
 
 
+def _draw_band(ax, band: Band, **style):
+    """A method's median line, its min–max band when it has several seeds, a cross where it diverged."""
+    color = method_color(band.method)
+    (line,) = ax.plot(band.x, band.median, color=color, **style)
+    if band.n_runs > 1:
+        ax.fill_between(band.x, band.low, band.high, color=color, alpha=0.2, lw=0)
+    if band.diverged:
+        ax.plot(band.x[-1], band.median[-1], "x", color=color, ms=8)
+    return line
+
+
+def _loss_axes(ax, x_axis: str, which: str, log_y: bool) -> None:
+    from matplotlib.ticker import NullFormatter
+
+    ax.set_xscale("log")
+    if log_y:
+        ax.set_yscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of log axes overlap
+    ax.set_xlabel(X_AXES[x_axis][1])
+    ax.set_ylabel(f"{which} loss (squared error)")
+
+
 def plot_explorer(runs: list[Run], methods: list[str] | None = None, x_axis: str = "time",
                   which: str = "train", log_y: bool = True, read_at: float | None = None, ax=None,
                   title: str | None = None):
@@ -382,7 +393,6 @@ def plot_explorer(runs: list[Run], methods: list[str] | None = None, x_axis: str
     has several), log x; a dashed vertical line at ``read_at`` (a fraction of the x range every shown
     method reached) and the legend, outside the axes, ranking the methods by their loss there."""
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter
 
     if ax is None:
         _, ax = plt.subplots(figsize=(9.0, 4.2))
@@ -391,12 +401,7 @@ def plot_explorer(runs: list[Run], methods: list[str] | None = None, x_axis: str
     x_read = None if read_at is None else read_at * reach
     entries = []
     for band in bands:
-        color = method_color(band.method)
-        (line,) = ax.plot(band.x, band.median, color=color, lw=1.6)
-        if band.n_runs > 1:
-            ax.fill_between(band.x, band.low, band.high, color=color, alpha=0.2, lw=0)
-        if band.diverged:
-            ax.plot(band.x[-1], band.median[-1], "x", color=color, ms=8)
+        line = _draw_band(ax, band, lw=1.6)
         value = band_value_at(band, x_read) if x_read is not None else math.nan
         seeds = f", {band.n_runs} seeds" if band.n_runs > 1 else ""
         reading = f"  {value:.3g}" if x_read is not None else ""
@@ -405,12 +410,7 @@ def plot_explorer(runs: list[Run], methods: list[str] | None = None, x_axis: str
     if x_read is not None:
         ax.axvline(x_read, color="0.3", ls="--", lw=1)
         entries.sort(key=lambda e: e[0])
-    ax.set_xscale("log")
-    if log_y:
-        ax.set_yscale("log")
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel(X_AXES[x_axis][1])
-    ax.set_ylabel(f"{which} loss (squared error)")
+    _loss_axes(ax, x_axis, which, log_y)
     if entries:
         heading = (f"{which} loss at {x_read:.3g} {'s' if x_axis == 'time' else 'updates'}"
                    if x_read is not None else None)
