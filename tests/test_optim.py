@@ -282,3 +282,15 @@ def test_a_compiled_step_keeps_the_statistics_and_inversion_schedule(name, sched
     assert runs[True][0] == runs[False][0] == 9
     for eager, compiled in zip(runs[False][1], runs[True][1]):
         assert torch.allclose(eager, compiled, rtol=0, atol=1e-10)
+
+
+def test_largest_magnitude_is_the_infinity_norm_and_keeps_nan():
+    from fso_lib.optim.acp import largest_magnitude
+
+    torch.manual_seed(0)
+    for sign in (1.0, -1.0):  # the largest magnitude on a positive and on a negative entry
+        x = torch.randn(7, 5)
+        x[3, 2] = sign * 10.0
+        assert largest_magnitude(x) == torch.linalg.vector_norm(x, ord=float("inf")) == 10.0
+    x[0, 0] = float("nan")
+    assert torch.isnan(largest_magnitude(x))
