@@ -77,6 +77,9 @@ CONFIGS = {
     "ekfac": ("ekfac", dict()),
     "shampoo": ("shampoo", dict()),
     "soap": ("soap", dict()),
+    # the same with the race's amortization (fso_lib.bench.methods.AFTER_THESIS_RACE_AMORTIZATION): every 100 updates
+    "shampoo_period_100": ("shampoo", dict(root_period=100)),
+    "soap_period_100": ("soap", dict(eigenbasis_period=100)),
     # fso_lib.optim.kfac.KFAC_THESIS_PROTOCOL: statistics and inverses every 100 updates, no running average
     "kfac_thesis_protocol": ("kfac", dict(lr=0.01, statistics_period=100, inverse_period=100, running_average=0.0)),
 }
@@ -89,11 +92,12 @@ def squared_error(output, target):
 
 def _refreshes(opt) -> bool:
     """Whether the next step of ``opt`` recomputes an inverse (read before the step)."""
-    period = getattr(opt, "inverse_period", None) or getattr(opt, "amortization_period", None)
+    period = (getattr(opt, "inverse_period", None) or getattr(opt, "amortization_period", None)
+              or getattr(opt, "root_period", None) or getattr(opt, "eigenbasis_period", None))
     if period is None or not hasattr(opt, "n_updates"):
         return False
-    if hasattr(opt, "inverse_period"):
-        return opt.n_updates % period == 0
+    if hasattr(opt, "inverse_period") or hasattr(opt, "root_period") or hasattr(opt, "eigenbasis_period"):
+        return opt.n_updates % period == 0  # Shampoo's roots, SOAP's eigenbases: at the steps of their period
     # ACP inverts at the first step after each statistics update; NNN re-whitens inside update_statistics
     return opt.n_updates % period == 0 and type(opt).__name__ == "ACP"
 

@@ -1,0 +1,161 @@
+"""Write ``data/results/speed/README.md`` from the JSON files of the speed benchmarks (issue 11).
+
+Every number and every comparison in the README is read from ``optimizer_speed.json`` (the full table),
+``optimizer_speed_goal_methods.json`` (the goal methods alone) and ``gemm_rates.json`` (the multiply-add rate of
+each product, ``benchmarks/gemm_rates.py``), so that a rerun of the benchmarks and of this script rewrites the
+text with it. Sections whose file is missing are left out.
+
+    python benchmarks/speed_readme.py [--folder data/results/speed]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PHASES = ("forward", "backward", "precondition", "statistics", "inversion")
+#: issue 11's goals: amortized cost of one update over SGD's (2 threads, batch 200, same process, interleaved)
+GOALS = {"acp": ("ACP", 1.5), "kfac": ("K-FAC", 1.95), "natural_nn_implicit": ("natural NN (implicit form)", 1.5)}
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def command(run: dict, out: str) -> str:
+    names = ",".join(run["results"])
+    return (f"OMP_WAIT_POLICY={run.get('omp_wait_policy') or 'PASSIVE'} python benchmarks/optimizer_speed.py "
+            f"--threads {run['threads']} --rounds {run['rounds']} \\\n    --only {names} \\\n    --out {out}")
+
+
+def conditions(run: dict) -> str:
+    machine, load = run["machine"], run["load_average_1min"]
+    return (f"**Machine**: {machine['logical_cpus']} logical CPUs (\"{machine['cpu']}\"), {machine['platform']}, Python "
+            f"{machine['python']}, torch {machine['torch']}, {run['threads']} threads, denormals flushed to zero, run "
+            f"{run['date']}; 1-minute load average {load['before']:.2f} at the start, {load['after']:.2f} at the end. "
+            f"{run['rounds']} windows of {run['window']} updates, the optimizers interleaved update by update.")
+
+
+def table(run: dict) -> str:
+    lines = ["| optimizer | amortized ms | × SGD | " + " | ".join(PHASES) + " | × SGD per round |",
+             "|---|---:|---:|" + "---:|" * len(PHASES) + "---|"]
+    for name, r in run["results"].items():
+        lines.append(f"| `{name}` | {r['amortized_ms']:.1f} | **{r['ratio_to_sgd_amortized']:.2f}** | "
+                     + " | ".join(f"{r['breakdown_ms'][p]:.2f}" for p in PHASES) + " | "
+                     + ", ".join(f"{x:.2f}" for x in r["ratio_to_sgd_per_round"]) + " |")
+    return "\n".join(lines)
+
+
+def goals_section(full: dict | None, alone: dict | None) -> str:
+    runs = [(label, run) for label, run in (("full table", full), ("goal methods alone", alone)) if run]
+    lines = ["## Goals of issue 11", "",
+             "Goals: " + ", ".join(f"{label} ≤ {goal}×" for label, goal in GOALS.values())
+             + " an SGD update (statistics every 10 and inverses every 100 for K-FAC).", "",
+             "| method | " + " | ".join(label for label, _ in runs) + " | goal |",
+             "|---|" + "---:|" * (len(runs) + 1)]
+    verdicts = {}
+    for method, (label, goal) in GOALS.items():
+        cells = []
+        for run_label, run in runs:
+            ratio = run["results"].get(method, {}).get("ratio_to_sgd_amortized")
+            cells.append("·" if ratio is None else f"{ratio:.2f}")
+            if ratio is not None:
+                verdicts.setdefault(method, []).append((run_label, ratio, ratio <= goal))
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {goal} |")
+    lines.append("")
+    for method, rows in verdicts.items():
+        label, goal = GOALS[method]
+        met = [r for r in rows if r[2]]
+        missed = [r for r in rows if not r[2]]
+        if not missed:
+            lines.append(f"- {label}: goal met in {' and '.join(r[0] for r in rows)}.")
+        elif not met:
+            lines.append(f"- {label}: goal missed in {' and '.join(r[0] for r in rows)} (by "
+                         + ", ".join(f"{r[1] - goal:.2f}" for r in missed) + ").")
+        else:
+            lines.append(f"- {label}: goal met in {', '.join(r[0] for r in met)}, missed in "
+                         + ", ".join(f"{r[0]} (by {r[1] - goal:.2f})" for r in missed) + ".")
+    if full and alone:
+        sgd_full, sgd_alone = (run["results"]["sgd"]["amortized_ms"] for run in (full, alone))
+        lines += ["", f"SGD's own update took {sgd_full:.1f} ms in the full table ({len(full['results'])} models "
+                      f"interleaved) and {sgd_alone:.1f} ms with the goal methods alone ({len(alone['results'])} "
+                      "models): the ratios depend on the company a method keeps, because every update starts with "
+                      "caches filled by another model, which costs the leanest step (SGD's) most. Only ratios measured "
+                      "in the same run compare."]
+    return "\n".join(lines)
+
+
+def remainder_section(run: dict | None, gemm: dict | None) -> str:
+    if run is None:
+        return ""
+    results, lines = run["results"], ["## Where the time of the preconditioned methods goes", ""]
+    sgd = results["sgd"]["breakdown_ms"]
+    passes = sgd["forward"] + sgd["backward"]
+    lines.append(f"In the goal-methods run, SGD's forward and backward passes take {passes:.1f} ms. Per update:")
+    for method, (label, _) in GOALS.items():
+        if method in results:
+            b = results[method]["breakdown_ms"]
+            lines.append(f"- {label}: forward + backward {b['forward'] + b['backward']:.1f} ms (no weight gradient from "
+                         f"autograd), preconditioning {b['precondition']:.1f} ms, statistics {b['statistics']:.2f} ms, "
+                         f"inversions {b['inversion']:.2f} ms (amortized).")
+    if gemm:
+        summary = gemm["summary"]
+        lines += ["", f"`gemm_rates.json` (`benchmarks/gemm_rates.py`, {gemm['threads']} threads, load average "
+                      f"{gemm['load_average'][0]:.2f} → {gemm['load_average'][1]:.2f}): each product of one update timed "
+                      "on its own, at the layer sizes and the product orders and inverse forms the library picks:", "",
+                  "| products | G multiply-adds | ms | G multiply-adds per second |", "|---|---:|---:|---:|"]
+        for group, row in summary.items():
+            lines.append(f"| {group} | {row['gmac']:.3f} | {row['ms']:.2f} | {row['gmac_per_s']:.1f} |")
+        base = summary["SGD passes"]["gmac_per_s"]
+        lines.append("")
+        for group, row in summary.items():
+            if group != "SGD passes":
+                lines.append(f"- {group}'s products run at {row['gmac_per_s'] / base:.2f}× the rate of SGD's passes "
+                             f"when timed alone; in the optimizer they take "
+                             + (f"{results[_group_method(group)]['breakdown_ms']['precondition']:.1f} ms against "
+                                f"{row['ms']:.1f} ms for the products alone."
+                                if _group_method(group) in results else "(not in this run)."))
+    return "\n".join(lines)
+
+
+def _group_method(group: str) -> str:
+    return {"ACP": "acp", "K-FAC": "kfac"}.get(group, group)
+
+
+def render(folder: Path) -> str:
+    full = _load(folder / "optimizer_speed.json")
+    alone = _load(folder / "optimizer_speed_goal_methods.json")
+    gemm = _load(folder / "gemm_rates.json")
+    parts = ["# Optimizer speed: cost of one update on the deep autoencoder", "",
+             "Written by `benchmarks/speed_readme.py` from the JSON files of this folder: every number below is "
+             "read from them. Only the **ratios** measured in one run compare; absolute milliseconds of different "
+             "runs and days do not.", ""]
+    for title, run, out in (("The full table: `optimizer_speed.json`", full, "data/results/speed/optimizer_speed.json"),
+                            ("The goal methods alone: `optimizer_speed_goal_methods.json`", alone,
+                             "data/results/speed/optimizer_speed_goal_methods.json")):
+        if run:
+            parts += [f"## {title}", "", "```", command(run, out), "```", "", conditions(run), "", table(run), ""]
+    parts += ["Breakdown, ms per update: forward (model and loss), backward (`loss.backward()`), precondition "
+              "(`opt.step()` on updates that refresh nothing), statistics (`update_statistics`, amortized), inversion "
+              "(extra time of the steps that refresh an inverse, a root or an eigenbasis, amortized). Row names: "
+              "`*_autograd_grads`: `weight_grads=True` (autograd forms every weight gradient); `*_sync_free`: "
+              "`check_every=None`; `acp_dense_inverse`: `inverse_form=\"dense\"`; `kfac_thesis_protocol`: statistics and "
+              "inverses every 100 updates without running average; `*_quadratic_model`: Martens & Grosse's "
+              "quadratic-model step; `shampoo`, `soap`: roots / eigenbases every 10 updates (the registry's default), "
+              "`*_period_100`: every 100 (the race's setting).", ""]
+    parts += [goals_section(full, alone), "", remainder_section(alone, gemm), ""]
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--folder", default=str(ROOT / "data" / "results" / "speed"))
+    args = parser.parse_args(argv)
+    folder = Path(args.folder)
+    (folder / "README.md").write_text(render(folder))
+    print(f"wrote {folder / 'README.md'}")
+
+
+if __name__ == "__main__":
+    main()
