@@ -143,3 +143,20 @@ def test_tables_markdown_table_formats_cells_and_refuses_ragged_rows():
     assert text.splitlines() == ["| method | loss |", "|---|---:|", "| sgd | 1.23 |", "| kfac | · |", "| acp | never |"]
     with pytest.raises(ValueError, match="2 columns"):
         table(["a", "b"], [[1]])
+
+
+def test_race_bands_draw_every_method_in_three_panels_with_the_reference_points():
+    from fso_lib.bench.report import plot_race_bands
+
+    runs = three_seeds() + [synthetic_run("sgd", 0, [0, 10, 20], [0.0, 1.0, 2.0], [50.0, 30.0, 20.0])]
+    reference = {"acp": {10: 9.0, 20: 4.0}, "kfac": {10: 8.0}}  # K-FAC did not run: its points are not drawn
+    fig, axes = plot_race_bands(runs, reference=reference)
+    assert len(axes) == 3
+    for ax in axes:
+        assert sorted(line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_"))[:2] == \
+            sorted({r.label for r in runs})
+    hollow = [line for line in axes[0].get_lines() if line.get_marker() == "o"]
+    assert len(hollow) == 1 and list(hollow[0].get_xdata()) == [10, 20]
+    assert "thesis, figure 6.2" in [t.get_text() for t in fig.legends[0].get_texts()]
+    assert axes[0].get_xscale() == axes[1].get_xscale() == "log"
+    plt.close(fig)
