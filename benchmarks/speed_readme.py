@@ -129,6 +129,38 @@ def remainder_section(run: dict | None, gemm: dict | None) -> str:
     return "\n".join(lines)
 
 
+def wait_policy_section(folder: Path) -> str:
+    """The goal methods under the three OpenMP wait policies (``omp_wait_policy/{passive,default,active}.json``)."""
+    runs = [(name, _load(folder / "omp_wait_policy" / f"{name}.json")) for name in ("passive", "default", "active")]
+    runs = [(name, run) for name, run in runs if run]
+    if not runs:
+        return ""
+    methods = list(runs[0][1]["results"])
+    lines = ["## The OpenMP wait policy", "",
+             "The runs above set `OMP_WAIT_POLICY=PASSIVE` (idle OpenMP threads sleep instead of spinning, so that a "
+             "benchmark does not steal the cores of a job running beside it). Every parallel operation then has to wake "
+             "its threads. The goal methods timed one policy after the other on the idle machine (`omp_wait_policy/`, "
+             f"{runs[0][1]['rounds']} windows of {runs[0][1]['window']} updates each; `default` leaves the variable unset, "
+             "as a user's shell does):", "",
+             "| method | " + " | ".join(f"{name}: ms | {name}: × SGD" for name, _ in runs) + " |",
+             "|---|" + "---:|---:|" * len(runs)]
+    for method in methods:
+        lines.append(f"| `{method}` | " + " | ".join(
+            f"{run['results'][method]['amortized_ms']:.1f} | {run['results'][method]['ratio_to_sgd_amortized']:.2f}"
+            for _, run in runs) + " |")
+    lines.append("")
+    for method, (label, goal) in GOALS.items():
+        if method in methods:
+            met = [name for name, run in runs if run["results"][method]["ratio_to_sgd_amortized"] <= goal]
+            lines.append(f"- {label} (goal {goal}×): met under {', '.join(met) if met else 'no policy'}"
+                         + (f"; missed under {', '.join(n for n, _ in runs if n not in met)}" if len(met) < len(runs) else "")
+                         + ".")
+    loads = ", ".join(f"{name} {run['load_average_1min']['before']:.2f} → {run['load_average_1min']['after']:.2f}"
+                      for name, run in runs)
+    lines += ["", f"1-minute load averages: {loads} (the race's workers were paused with SIGSTOP during these runs)."]
+    return "\n".join(lines)
+
+
 def _group_method(group: str) -> str:
     return {"ACP": "acp", "K-FAC": "kfac"}.get(group, group)
 
@@ -154,7 +186,7 @@ def render(folder: Path) -> str:
               "inverses every 100 updates without running average; `*_quadratic_model`: Martens & Grosse's "
               "quadratic-model step; `shampoo`, `soap`: roots / eigenbases every 10 updates (the registry's default), "
               "`*_period_100`: every 100 (the race's setting).", ""]
-    parts += [goals_section(full, alone), "", remainder_section(alone, gemm), ""]
+    parts += [goals_section(full, alone), "", remainder_section(alone, gemm), "", wait_policy_section(folder), ""]
     return "\n".join(parts).rstrip() + "\n"
 
 
