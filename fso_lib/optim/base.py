@@ -333,7 +333,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 if buf is None:
                     buf = state["momentum_buffer"] = direction.clone()
                 elif skip is None:
-                    buf.mul_(momentum).add_(direction)
+                    torch.add(direction, buf, alpha=momentum, out=buf)  # buf ← momentum·buf + direction, one pass
                 else:
                     # buf ← direction + factor · buf in one pass (factor = 1 and direction = 0 on a skipped step)
                     factor = torch.where(skip, self._scalar(1.0, buf), self._scalar(momentum, buf))

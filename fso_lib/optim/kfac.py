@@ -222,16 +222,16 @@ class KFAC(QuadraticModelSteps, LayerwiseOptimizer):
         for layer, h, g in zip(self.layers, inputs, grads):
             state = self.state[layer.weight]
             n = h.shape[0]
-            per_example = g * n  # the sampled loss is a mean over examples
             ones = torch.ones(n, 1, dtype=h.dtype, device=h.device)
             augmented = torch.cat([h, ones], dim=1)
-            a_new = augmented.T @ augmented / n
-            g_new = per_example.T @ per_example / n
+            # Ā = [h 1]ᵀ[h 1] / n and Ḡ = (n g)ᵀ(n g) / n = n gᵀg (g holds the gradients of a mean over examples);
+            # the running average ρ·old + (1 − ρ)·new in the same matrix product (no temporary, no extra pass)
             if "A" not in state:
-                state["A"], state["G"] = a_new, g_new
+                state["A"] = torch.mm(augmented.T, augmented).div_(n)
+                state["G"] = torch.mm(g.T, g).mul_(n)
             else:
-                state["A"].mul_(rho).add_(a_new, alpha=1 - rho)
-                state["G"].mul_(rho).add_(g_new, alpha=1 - rho)
+                state["A"].addmm_(augmented.T, augmented, beta=rho, alpha=(1 - rho) / n)
+                state["G"].addmm_(g.T, g, beta=rho, alpha=(1 - rho) * n)
             state["factor_updates"] = state.get("factor_updates", 0) + 1
 
     def _check_statistics(self):
