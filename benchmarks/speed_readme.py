@@ -76,6 +76,16 @@ def goals_section(full: dict | None, alone: dict | None) -> str:
         else:
             lines.append(f"- {label}: goal met in {', '.join(r[0] for r in met)}, missed in "
                          + ", ".join(f"{r[0]} (by {_excess(r[1], goal)})" for r in missed) + ".")
+    if alone:
+        spread = []
+        for method, (label, goal) in GOALS.items():
+            rounds = alone["results"].get(method, {}).get("ratio_to_sgd_per_round")
+            if rounds:
+                spread.append(f"{label} {min(rounds):.2f}–{max(rounds):.2f}"
+                              + (" (the goal inside)" if min(rounds) <= goal <= max(rounds) else ""))
+        lines += ["", "How firm these verdicts are: the ratios of the single windows of the goal-methods run span "
+                      + "; ".join(spread) + ". A verdict whose median lies within that spread of the goal is a tie, "
+                      "not a pass or a fail."]
     if full and alone:
         sgd_full, sgd_alone = (run["results"]["sgd"]["amortized_ms"] for run in (full, alone))
         lines += ["", f"SGD's own update took {sgd_full:.1f} ms in the full table ({len(full['results'])} models "
