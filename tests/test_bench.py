@@ -434,3 +434,14 @@ def test_clock_choices_are_checked():
         small(max_updates=5, clock="cpu")
     with pytest.raises(ValueError, match="GPU"):
         small(max_updates=5, clock="process", device="cuda")
+
+
+def test_the_header_names_the_code_revision_the_run_imported(tmp_path):
+    from fso_lib.bench import runner
+
+    result = run(small(max_updates=2), tmp_path)
+    header = read_records(run_paths(tmp_path, result.name)[0])[0]
+    assert header["versions"]["code"] == runner.CODE_REVISION
+    inside_git = subprocess.run(["git", "rev-parse", "--git-dir"], cwd=Path(runner.__file__).parent,
+                                capture_output=True).returncode == 0
+    assert (runner.CODE_REVISION is not None) == inside_git

@@ -123,11 +123,27 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
+def _code_revision() -> str | None:
+    """``git describe --always --dirty`` of the checkout this module was imported from (None outside a git
+    checkout): read once, at import, so that a long-lived worker reports the code it runs, not a later HEAD."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+CODE_REVISION = _code_revision()
+
+
 def versions() -> dict:
     from .. import __version__
 
     return {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__,
-            "fso_lib": __version__, "cuda": torch.version.cuda}
+            "fso_lib": __version__, "cuda": torch.version.cuda, "code": CODE_REVISION}
 
 
 # ----------------------------------------------------------------------------- small helpers
