@@ -194,11 +194,12 @@ def _loss_at(run: Run, xs: np.ndarray, y: np.ndarray, x: float) -> float:
     return math.inf if not np.isfinite(value) else float(value)
 
 
-def time_to_loss(run: Run, target: float, which: str = "train") -> float:
-    """Training seconds until the loss first reached ``target`` or lower (inf if it never did)."""
+def time_to_loss(run: Run, target: float, which: str = "train", x_axis: str = "time") -> float:
+    """Training seconds (``x_axis="updates"``: updates) until the loss first reached ``target`` or lower (inf if
+    it never did)."""
     y = getattr(run, which)
     hit = np.flatnonzero(np.isfinite(y) & (y <= target))
-    return float(run.times[hit[0]]) if len(hit) else math.inf
+    return float(getattr(run, X_AXES[x_axis][0])[hit[0]]) if len(hit) else math.inf
 
 
 def race_table(runs: list[Run], times: list[float], targets: list[float], which: str = "train") -> list[dict]:

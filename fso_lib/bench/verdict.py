@@ -79,11 +79,7 @@ def time_to_target(runs: list[Run], target: float, which: str = "train") -> dict
 
 def updates_to_target(runs: list[Run], target: float, which: str = "train") -> dict:
     """:func:`seed_stats` of the number of updates until the loss first reached ``target`` (inf: never)."""
-    def first(run):
-        y = getattr(run, which)
-        hit = np.flatnonzero(np.isfinite(y) & (y <= target))
-        return float(run.updates[hit[0]]) if len(hit) else math.inf
-    return seed_stats(first(run) for run in runs)
+    return seed_stats(time_to_loss(run, target, which, x_axis="updates") for run in runs)
 
 
 def common_updates(groups: dict[str, list[Run]]) -> int:
