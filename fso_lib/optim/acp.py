@@ -6,6 +6,7 @@ from torch import nn
 
 from .base import DivergenceError, LayerwiseOptimizer
 from .inverse import INVERSE_FORMS, CovarianceInverse, apply_inverse
+from .low_rank import LowRankDirection, largest_magnitude
 from .quadratic_model import QuadraticModelSteps
 
 __all__ = ["ACP", "BIAS_UPDATES", "acp_product_order", "centered_preconditioned_update"]
@@ -157,20 +158,14 @@ class ACP(QuadraticModelSteps, LayerwiseOptimizer):
             scale=1.0 / alpha, derived_bias=group["bias_update"] == "derived")
 
 
-def largest_magnitude(x: torch.Tensor) -> torch.Tensor:
-    """``max |x|`` as a 0-dim tensor (NaN if ``x`` holds one), from one min/max pass: on a CPU
-    ``torch.linalg.vector_norm(x, ord=inf)`` takes about 15× longer (0.9 ms against 0.06 ms for a 200 × 1000
-    array on one thread of this project's machine), once per layer and update in ACP's heuristic α."""
-    low, high = torch.aminmax(x)
-    return torch.maximum(high, -low)
-
-
 def centered_preconditioned_update(state, h, g, mean, bias_grad, weight_grad=None, scale=None, derived_bias=True):
     """``ΔW = scale · gᵀ(h − mean)(C + εI)⁻¹`` and ``Δb = scale · Σ_i g_i − ΔW mean`` (``derived_bias``) or
     ``scale · Σ_i g_i``, with the inverse kept in ``state`` (:func:`~fso_lib.optim.inverse.apply_inverse`): ACP's
     update (``mean`` = h̄ of the minibatch, ``scale`` = 1/α) and the implicit natural neural network's (``mean`` = the
     statistics minibatch's, ``scale`` = 1). The product order is :func:`acp_product_order`'s; ``weight_grad``:
-    autograd's ``∇_W`` when it was formed (then ``Σ_i g_i (h_i − mean)ᵀ = ∇_W − ∇_b meanᵀ``), else ``None``."""
+    autograd's ``∇_W`` when it was formed (then ``Σ_i g_i (h_i − mean)ᵀ = ∇_W − ∇_b meanᵀ``), else ``None``.
+    In the "batch" order ``ΔW`` is returned unformed, as the :class:`~fso_lib.optim.low_rank.LowRankDirection`
+    ``gᵀ X``."""
     n, n_in = h.shape
     if acp_product_order(n, n_in, g.shape[1], weight_grad is not None) == "gradient":
         if weight_grad is not None:
@@ -181,7 +176,8 @@ def centered_preconditioned_update(state, h, g, mean, bias_grad, weight_grad=Non
         weight_times_mean = d_weight @ mean if derived_bias else None
     else:
         preconditioned = apply_inverse(state, h - mean, scale)  # scale the n × in factor, not the out × in result
-        d_weight = g.T @ preconditioned
+        # ΔW = gᵀ X, left unformed: the optimizer adds it to W (or to the momentum buffer) in one addmm_
+        d_weight = LowRankDirection(g, preconditioned)
         # ΔW mean = gᵀ (X mean): two matrix-vector products on the n-row factors, not one on the out × in result
         weight_times_mean = g.T @ (preconditioned @ mean) if derived_bias else None
     d_bias = bias_grad if scale is None else bias_grad * scale

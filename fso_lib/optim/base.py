@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..layer_stats import LayerCapture, supported_linear_layers
+from .low_rank import LowRankDirection, finiteness_probe
 
 __all__ = ["DivergenceError", "LayerwiseOptimizer", "damped_inverse", "needs_statistics", "check_divergence"]
 
@@ -155,6 +156,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     def _layer_update(self, k: int, group: dict, h, g):
         """Return the descent directions (dW, db) of layer ``k``; the step is ``−lr · direction``.
+        ``dW`` may be a :class:`~fso_lib.optim.low_rank.LowRankDirection` (applied without being formed).
         The optimizer may modify the returned tensors in place (a skipped, non-finite step zeroes them).
         Every subclass defines it."""
         raise TypeError(f"{type(self).__name__} does not define _layer_update.")
@@ -238,7 +240,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 "Try a smaller learning rate or a larger damping."
             )
         raise DivergenceError(
-            f"{type(self).__name__}: the update at step {update} is not finite (inf or NaN); "
+            f"{type(self).__name__}: the update at step {update} is not finite (inf or NaN, or large enough to "
+            "overflow); "
             "the parameters were not changed. Try a smaller learning rate, a larger damping, "
             "or clipping the step (e.g. K-FAC's kl_clip)."
         )
@@ -274,7 +277,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     def _record_non_finite(self, updates, loss) -> torch.Tensor:
         """Fold "this update or loss is not finite" into the device flags; return the flag (no host read)."""
-        total = torch.stack([u.sum() for pair in updates for u in pair]).sum()
+        total = torch.stack([finiteness_probe(u) for pair in updates for u in pair]).sum()
         bad_update = ~torch.isfinite(total)
         if loss is not None:
             loss_t = torch.as_tensor(loss, device=self._diverged.device).detach().float().reshape(())
@@ -325,6 +328,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         when the 0-dim bool ``skip`` is True the parameters and buffers stay as they are (no host read)."""
         lr, momentum = group["lr"], group.get("momentum", 0.0)
         for p, direction in zip(group["params"], pair):
+            if isinstance(direction, LowRankDirection):
+                self._apply_low_rank(p, direction, lr, momentum, skip)
+                continue
             if skip is not None:
                 direction.masked_fill_(skip, 0.0)
             if momentum:
@@ -344,6 +350,28 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                     p.addcmul_(buf, torch.where(skip, self._scalar(0.0, p), self._scalar(-lr, p)))
             else:
                 p.add_(direction, alpha=-lr)
+
+    def _apply_low_rank(self, p, direction: LowRankDirection, lr: float, momentum: float, skip) -> None:
+        """:meth:`_apply` for a direction kept as ``leftᵀ right``: the product goes straight into ``p`` (or into
+        the momentum buffer, ``buf ← μ·buf + leftᵀright`` in one ``addmm_``); the update is never formed."""
+        if skip is not None:
+            direction = direction.masked(skip)  # a skipped step adds leftᵀright = 0
+        left_t, right = direction.left.T, direction.right
+        if not momentum:
+            p.addmm_(left_t, right, alpha=-lr)
+            return
+        state = self.state[p]
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            buf = state["momentum_buffer"] = left_t @ right
+        elif skip is None:
+            buf.addmm_(left_t, right, beta=momentum)
+        else:
+            buf.mul_(torch.where(skip, self._scalar(1.0, buf), self._scalar(momentum, buf))).addmm_(left_t, right)
+        if skip is None:
+            p.add_(buf, alpha=-lr)
+        else:
+            p.addcmul_(buf, torch.where(skip, self._scalar(0.0, p), self._scalar(-lr, p)))
 
     def _scalar(self, value: float, like: torch.Tensor) -> torch.Tensor:
         """A cached 0-dim tensor holding ``value`` in ``like``'s dtype and device (no copy per step)."""

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from .base import LayerwiseOptimizer
+from .low_rank import LowRankDirection
 
 __all__ = ["CenteredSGD"]
 
@@ -37,4 +38,4 @@ class CenteredSGD(LayerwiseOptimizer):
         mean = h.mean(dim=0)
         if self.weight_grads:
             return torch.addr(weight.grad, bias.grad, mean, alpha=-1.0), bias.grad.clone()
-        return g.T @ (h - mean), bias.grad.clone()
+        return LowRankDirection(g, h - mean), bias.grad.clone()  # gᵀ(h − h̄), added to W without being formed

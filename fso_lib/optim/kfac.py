@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .base import DivergenceError, LayerwiseOptimizer, damped_inverse
+from .low_rank import LowRankDirection
 from .quadratic_model import STEP_RULES, QuadraticModelSteps
 
 __all__ = ["KFAC", "SAMPLED_LOSSES", "STEP_RULES", "KFAC_THESIS_PROTOCOL", "THESIS_STATISTICS_MINIBATCH", "factored_damping",
@@ -84,7 +85,8 @@ class KFAC(QuadraticModelSteps, LayerwiseOptimizer):
       ``materialize_grads()`` fills it on demand), ``check_every``, ``check_finite``.
     * Product order: per layer the cheapest association of ``G⁻¹ gᵀ [h 1] A⁻¹`` is used
       (:func:`kfac_product_order`); the "large-batch" one, ``(g G⁻¹)ᵀ ([h 1] A⁻¹)``, when ``n`` is small
-      against both factor sizes.
+      against both factor sizes; its weight direction is then never formed
+      (:class:`~fso_lib.optim.low_rank.LowRankDirection`: one ``addmm_`` into ``W`` or the momentum buffer).
     * A statistics minibatch with inf/NaN (or outputs outside [0, 1] for ``"bernoulli"``) is recorded on
       the device and reported at the next inversion with an error that says so.
 
@@ -289,8 +291,13 @@ class KFAC(QuadraticModelSteps, LayerwiseOptimizer):
         h_a = torch.addmm(a_inv[n_in], h, a_inv[:n_in]) if right == "batch" else None
         g_g = g @ g_inv if left == "batch" else None
         if left == "batch" and right == "batch":
-            direction = g_g.T @ h_a
-        elif left == "batch":      # ((g G⁻¹)ᵀ [h 1]) A⁻¹
+            # ΔW = (g G⁻¹)ᵀ ([h 1] A⁻¹)[:, :n_in], left unformed (the optimizer adds it in one addmm_); Δb its last column
+            d_weight = LowRankDirection(g_g, h_a[:, :n_in])
+            if self.kl_clip is not None and self.step_rule == "fixed":
+                # Σ_i g_iᵀ (ΔW h_i + Δb) = Σ_{j,i} (g_j G⁻¹ · g_i) ([h_j 1] A⁻¹ [h_i; 1]): two n × n products
+                state["kl_term"] = ((g_g @ g.T) * torch.addmm(h_a[:, n_in, None], h_a[:, :n_in], h.T)).sum()
+            return d_weight, g_g.T @ h_a[:, n_in]
+        if left == "batch":      # ((g G⁻¹)ᵀ [h 1]) A⁻¹
             direction = torch.cat([g_g.T @ h, g_g.sum(0)[:, None]], dim=1) @ a_inv
         else:                      # G⁻¹ (gᵀ ([h 1] A⁻¹))
             direction = g_inv @ (g.T @ h_a)

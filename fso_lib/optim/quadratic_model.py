@@ -30,6 +30,7 @@ from torch import nn
 from torch.func import functional_call, jvp, vjp, vmap
 
 from ..losses import Loss
+from .low_rank import as_dense
 
 __all__ = [
     "OUTPUT_FISHER_PRODUCTS",
@@ -383,7 +384,7 @@ class QuadraticModelSteps:
         direction, previous = {}, {}
         for group, names, pair in zip(self.param_groups, self._parameter_names, updates):
             for p, name, layer_direction in zip(group["params"], names, pair):
-                direction[name] = layer_direction
+                direction[name] = as_dense(layer_direction)  # the JVPs and δ₀ need it formed
                 if "previous_update" in self.state[p]:
                     previous[name] = self.state[p]["previous_update"]
         directions = [direction] + ([previous] if len(previous) == len(direction) else [])
