@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from fso_lib.bench.runner import CODE_REVISION
 from fso_lib.models import deep_autoencoder
 from fso_lib.optim import make_optimizer, needs_statistics, prepare_model
 
@@ -80,6 +81,13 @@ CONFIGS = {
     # the same with the race's amortization (fso_lib.bench.methods.AFTER_THESIS_RACE_AMORTIZATION): every 100 updates
     "shampoo_period_100": ("shampoo", dict(root_period=100)),
     "soap_period_100": ("soap", dict(eigenbasis_period=100)),
+    # the steady-state step compiled by torch.compile (LayerwiseOptimizer.compile_step; inductor needs a C++ compiler
+    # on a CPU), sync-free so that every step runs the compiled code: compare with the *_sync_free rows
+    "acp_compiled": ("acp", dict(lr=0.01, amortization_period=100, check_every=None, compile=True)),
+    "kfac_compiled": ("kfac", dict(lr=0.01, statistics_period=10, inverse_period=100, check_every=None, compile=True)),
+    "natural_nn_implicit_sync_free": ("natural_nn_implicit", dict(lr=0.01, amortization_period=100, check_every=None)),
+    "natural_nn_implicit_compiled": ("natural_nn_implicit", dict(lr=0.01, amortization_period=100, check_every=None,
+                                                                 compile=True)),
     # fso_lib.optim.kfac.KFAC_THESIS_PROTOCOL: statistics and inverses every 100 updates, no running average
     "kfac_thesis_protocol": ("kfac", dict(lr=0.01, statistics_period=100, inverse_period=100, running_average=0.0)),
 }
@@ -155,13 +163,17 @@ def main(argv=None):
     for name in names:
         for prefix, (prepare, make) in libraries.items():
             registry_name, hyper = CONFIGS[name]
+            hyper = dict(hyper)
+            compiled = hyper.pop("compile", False)
             new_options = ("weight_grads", "check_every", "inverse_form", "step_rule", "damping_adaptation",
                            "quadratic_model_examples", "running_average")
             if prefix and (name == "sgd" or registry_name == "natural_nn_implicit" or any(o in hyper for o in new_options)):
                 continue  # torch's SGD did not change; weight_grads and check_every did not exist before
             model = prepare(registry_name, deep_autoencoder(seed=0))
-            runs[prefix + name] = dict(model=model, opt=make(registry_name, model, **hyper), k=0,
-                                       config=name, rounds=[], times=[])
+            opt = make(registry_name, model, **hyper)
+            if compiled:
+                opt.compile_step()  # compiled at its first steps, inside the warm-up (untimed)
+            runs[prefix + name] = dict(model=model, opt=opt, k=0, config=name, rounds=[], times=[])
 
     def update(run, record: bool):
         k = run["k"]
@@ -241,7 +253,7 @@ def main(argv=None):
             "machine": machine_description(),
             "threads": torch.get_num_threads(),
             "batch": args.batch, "window": args.window, "rounds": args.rounds, "warmup": args.warmup,
-            "before_commit": args.before, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "flush_denormal": True,
+            "code": CODE_REVISION, "before_commit": args.before, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "flush_denormal": True,
             "load_average_1min": {"before": load_before[0], "after": load_after[0]},
             "units": "milliseconds per update; ratios are median over rounds of (amortized ms / SGD's amortized ms)",
             "results": results,

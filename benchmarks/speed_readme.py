@@ -1,7 +1,7 @@
 """Write ``data/results/speed/README.md`` from the JSON files of the speed benchmarks (issue 11).
 
 Every number and every comparison in the README is read from ``optimizer_speed.json`` (the full table),
-``optimizer_speed_goal_methods.json`` (the goal methods alone) and ``gemm_rates.json`` (the multiply-add rate of
+``optimizer_speed_goal_methods.json`` (the goal methods alone), ``optimizer_speed_compiled.json`` (compiled steps) and ``gemm_rates.json`` (the multiply-add rate of
 each product, ``benchmarks/gemm_rates.py``), so that a rerun of the benchmarks and of this script rewrites the
 text with it. Sections whose file is missing are left out.
 
@@ -25,14 +25,17 @@ def _load(path: Path) -> dict | None:
 
 def command(run: dict, out: str) -> str:
     names = ",".join(run["results"])
-    return (f"OMP_WAIT_POLICY={run.get('omp_wait_policy') or 'PASSIVE'} python benchmarks/optimizer_speed.py "
+    policy = run.get("omp_wait_policy")
+    prefix = f"OMP_WAIT_POLICY={policy}" if policy else "env -u OMP_WAIT_POLICY"
+    return (f"{prefix} python benchmarks/optimizer_speed.py "
             f"--threads {run['threads']} --rounds {run['rounds']} \\\n    --only {names} \\\n    --out {out}")
 
 
 def conditions(run: dict) -> str:
     machine, load = run["machine"], run["load_average_1min"]
     return (f"**Machine**: {machine['logical_cpus']} logical CPUs (\"{machine['cpu']}\"), {machine['platform']}, Python "
-            f"{machine['python']}, torch {machine['torch']}, {run['threads']} threads, denormals flushed to zero, run "
+            f"{machine['python']}, torch {machine['torch']}, code {run.get('code', 'not recorded')}, {run['threads']} "
+            "threads, denormals flushed to zero, run "
             f"{run['date']}; 1-minute load average {load['before']:.2f} at the start, {load['after']:.2f} at the end. "
             f"{run['rounds']} windows of {run['window']} updates, the optimizers interleaved update by update.")
 
@@ -133,9 +136,11 @@ def remainder_section(run: dict | None, gemm: dict | None) -> str:
                 lines.append(f"- {group}'s products run at {row['gmac_per_s'] / base:.2f}× the rate of SGD's passes when "
                              f"timed alone and take {row['ms']:.1f} ms; its whole preconditioning step takes {step:.1f} ms "
                              f"(×{step / row['ms']:.2f}). The other {step - row['ms']:.1f} ms are either the rest of the step (the "
-                             "passes over every update that test it for inf/NaN and apply it, with momentum for K-FAC; the "
-                             "small per-layer operations; Python) or the same products running slower in place than alone "
-                             "(colder operands): this benchmark does not separate the two.")
+                             "small per-layer operations, each waking the OpenMP threads; the non-finite test and the "
+                             "application of the layers whose update is formed; momentum for K-FAC; Python) or the same "
+                             "products running slower in place than alone (colder operands): this benchmark does not "
+                             "separate the two. In the large-batch orders the update is not formed at all: its last "
+                             "product goes straight into W or the momentum buffer (`fso_lib/optim/low_rank.py`).")
     return "\n".join(lines)
 
 
@@ -171,6 +176,29 @@ def wait_policy_section(folder: Path) -> str:
     return "\n".join(lines)
 
 
+def compiled_section(run: dict | None) -> str:
+    """The steady-state step compiled (``compile_step``) against the same optimizer eager, both sync-free."""
+    if run is None:
+        return ""
+    results = run["results"]
+    lines = ["## The compiled step: `optimizer_speed_compiled.json`", "",
+             "`opt.compile_step()` (off by default; on a CPU inductor needs a C++ compiler) compiles the steady-state "
+             "part of `step()`: the layer updates, the non-finite flag and the application. It runs only on steps that "
+             "do not read the flag, so both rows of each pair use `check_every=None` (`*_sync_free`).", "",
+             "```", command(run, "data/results/speed/optimizer_speed_compiled.json"), "```", "", conditions(run), "",
+             table(run), ""]
+    for method, (label, goal) in GOALS.items():
+        eager, compiled = results.get(f"{method}_sync_free"), results.get(f"{method}_compiled")
+        if eager and compiled:
+            rounds = compiled["ratio_to_sgd_per_round"]
+            verdict = ("meets the goal in every window" if max(rounds) <= goal else
+                       "misses the goal in every window" if min(rounds) > goal else "has the goal inside its windows' spread")
+            lines.append(f"- {label}: compiled {compiled['ratio_to_sgd_amortized']:.2f}× SGD against "
+                         f"{eager['ratio_to_sgd_amortized']:.2f}× eager; single windows {min(rounds):.2f}–{max(rounds):.2f}: "
+                         f"it {verdict} ({goal}×).")
+    return "\n".join(lines)
+
+
 def _group_method(group: str) -> str:
     return {"ACP": "acp", "K-FAC": "kfac"}.get(group, group)
 
@@ -192,11 +220,12 @@ def render(folder: Path) -> str:
               "(`opt.step()` on updates that refresh nothing), statistics (`update_statistics`, amortized), inversion "
               "(extra time of the steps that refresh an inverse, a root or an eigenbasis, amortized). Row names: "
               "`*_autograd_grads`: `weight_grads=True` (autograd forms every weight gradient); `*_sync_free`: "
-              "`check_every=None`; `acp_dense_inverse`: `inverse_form=\"dense\"`; `kfac_thesis_protocol`: statistics and "
+              "`check_every=None`; `*_compiled`: `check_every=None` and `compile_step()`; `acp_dense_inverse`: `inverse_form=\"dense\"`; `kfac_thesis_protocol`: statistics and "
               "inverses every 100 updates without running average; `*_quadratic_model`: Martens & Grosse's "
               "quadratic-model step; `shampoo`, `soap`: roots / eigenbases every 10 updates (the registry's default), "
               "`*_period_100`: every 100 (the race's setting).", ""]
-    parts += [goals_section(full, alone), "", remainder_section(alone, gemm), "", wait_policy_section(folder), ""]
+    parts += [goals_section(full, alone), "", compiled_section(_load(folder / "optimizer_speed_compiled.json")), "",
+              remainder_section(alone, gemm), "", wait_policy_section(folder), ""]
     return "\n".join(parts).rstrip() + "\n"
 
 

@@ -118,7 +118,7 @@ def test_the_finiteness_probe_flags_overflow_and_non_finite_factors_only():
     overflowing = LowRankDirection(ones * 1e20, ones * 1e20)   # every entry 4e40: inf in float32
     assert torch.isinf(overflowing.dense()).all()
     assert not torch.isfinite(finiteness_probe(overflowing))
-    # entries 4 · 10³⁸ overflow, although each product of two entries (10³⁸) does not: the bound counts the n terms
+    # entries 4 · 10³⁸ overflow, although each product of two entries (10³⁸) does not
     summed_overflow = LowRankDirection(ones * 1e19, ones * 1e19)
     assert torch.isinf(summed_overflow.dense()).all()
     assert not torch.isfinite(finiteness_probe(summed_overflow))

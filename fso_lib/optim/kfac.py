@@ -287,16 +287,18 @@ class KFAC(QuadraticModelSteps, LayerwiseOptimizer):
             if self.kl_clip is not None and self.step_rule == "fixed":
                 state["kl_term"] = (direction * grad).sum()
             return direction[:, :n_in], direction[:, n_in]
-        # [h 1] A⁻¹ = h A⁻¹[:n_in] + A⁻¹[n_in]
-        h_a = torch.addmm(a_inv[n_in], h, a_inv[:n_in]) if right == "batch" else None
         g_g = g @ g_inv if left == "batch" else None
         if left == "batch" and right == "batch":
-            # ΔW = (g G⁻¹)ᵀ ([h 1] A⁻¹)[:, :n_in], left unformed (the optimizer adds it in one addmm_); Δb its last column
-            d_weight = LowRankDirection(g_g, h_a[:, :n_in])
+            # ΔW = (g G⁻¹)ᵀ ([h 1] A⁻¹)[:, :n_in], left unformed (the optimizer adds it in one addmm_), and Δb from the
+            # last column; both column blocks formed apart so that the right factor is a contiguous n × n_in array
+            right_weight = torch.addmm(a_inv[n_in, :n_in], h, a_inv[:n_in, :n_in])
+            right_bias = torch.addmv(a_inv[n_in, n_in], h, a_inv[:n_in, n_in])
             if self.kl_clip is not None and self.step_rule == "fixed":
                 # Σ_i g_iᵀ (ΔW h_i + Δb) = Σ_{j,i} (g_j G⁻¹ · g_i) ([h_j 1] A⁻¹ [h_i; 1]): two n × n products
-                state["kl_term"] = ((g_g @ g.T) * torch.addmm(h_a[:, n_in, None], h_a[:, :n_in], h.T)).sum()
-            return d_weight, g_g.T @ h_a[:, n_in]
+                state["kl_term"] = ((g_g @ g.T) * torch.addmm(right_bias[:, None], right_weight, h.T)).sum()
+            return LowRankDirection(g_g, right_weight), g_g.T @ right_bias
+        # [h 1] A⁻¹ = h A⁻¹[:n_in] + A⁻¹[n_in]
+        h_a = torch.addmm(a_inv[n_in], h, a_inv[:n_in]) if right == "batch" else None
         if left == "batch":      # ((g G⁻¹)ᵀ [h 1]) A⁻¹
             direction = torch.cat([g_g.T @ h, g_g.sum(0)[:, None]], dim=1) @ a_inv
         else:                      # G⁻¹ (gᵀ ([h 1] A⁻¹))

@@ -46,13 +46,14 @@ class LowRankDirection:
     __rmul__ = __mul__
 
     def magnitude_bound(self) -> torch.Tensor:
-        """``n · max|left| · max|right|`` (0-dim, float): no entry of ``leftᵀ right`` is larger in magnitude.
+        """``‖left‖_F · ‖right‖_F`` (0-dim): no entry of ``leftᵀ right`` is larger in magnitude (each entry is the
+        dot product of a column of ``left`` with one of ``right``; Cauchy–Schwarz).
 
-        It is finite exactly when both factors are finite and the bound does not overflow; so a finite bound
-        proves every entry of the product finite, and a non-finite one flags a product that holds inf/NaN or
-        that *could* overflow (a step of size ≳ 10³⁸ / n: a diverged run either way)."""
-        n = self.left.shape[0]
-        return largest_magnitude(self.left) * largest_magnitude(self.right) * n
+        It is finite exactly when both factors are finite and neither norm nor their product overflows. So a finite
+        bound proves every entry of the product finite (an entry can reach 3.4·10³⁸ only if the bound does), and a
+        non-finite one flags a product that holds inf/NaN or *could* overflow (factors with entries ≳ 10¹⁹: a diverged
+        run either way). Two norms of the n-row factors, each one pass and free of OpenMP thread wake-ups on a CPU."""
+        return torch.linalg.vector_norm(self.left) * torch.linalg.vector_norm(self.right)
 
     def masked(self, skip: torch.Tensor) -> "LowRankDirection":
         """Both factors zeroed when the 0-dim bool ``skip`` is True (a copy: ``left`` may be a captured
