@@ -10,6 +10,7 @@ text with it. Sections whose file is missing are left out.
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 from pathlib import Path
 
@@ -17,6 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("forward", "backward", "precondition", "statistics", "inversion")
 #: issue 11's goals: amortized cost of one update over SGD's (2 threads, batch 200, same process, interleaved)
 GOALS = {"acp": ("ACP", 1.5), "kfac": ("K-FAC", 1.95), "natural_nn_implicit": ("natural NN (implicit form)", 1.5)}
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # gemm_rates, when this file is imported from elsewhere
+from gemm_rates import amortized_multiply_adds  # noqa: E402
 
 
 def _load(path: Path) -> dict | None:
@@ -80,6 +85,16 @@ def goals_section(full: dict | None, alone: dict | None, default_policy: dict | 
         else:
             lines.append(f"- {label}: goal met in {', '.join(r[0] for r in met)}, missed in "
                          + ", ".join(f"{r[0]} (by {_excess(r[1], goal)})" for r in missed) + ".")
+    counts = amortized_multiply_adds(alone["batch"] if alone else 200, 200)
+    lines += ["", "By count of multiply-adds (`gemm_rates.amortized_multiply_adds`: the passes, the step's products, the "
+                  "statistics passes and inversions amortized; elementwise work not counted), one update costs "
+                  + ", ".join(f"{GOALS[m][0]} {counts[c] / counts['SGD']:.2f}×" for m, c in (("acp", "ACP"), ("kfac", "K-FAC")))
+                  + f" an SGD update ({counts['SGD'] / 1e9:.2f} G multiply-adds). "
+                  + " ".join(f"{GOALS[m][0]}'s goal of {GOALS[m][1]}× is "
+                             + ("above" if GOALS[m][1] >= counts[c] / counts["SGD"] else "**below**")
+                             + " its count" + ("" if GOALS[m][1] >= counts[c] / counts["SGD"] else
+                                               ": it can be met only if its multiply-adds run faster than SGD's") + "."
+                             for m, c in (("acp", "ACP"), ("kfac", "K-FAC")))]
     firmness = []
     for run_label, run in runs:
         if run is full:
