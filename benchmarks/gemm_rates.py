@@ -32,69 +32,8 @@ import time
 
 import torch
 
-from fso_lib.optim.acp import acp_product_order
-from fso_lib.optim.inverse import inverse_form
-from fso_lib.optim.kfac import kfac_product_order
+from fso_lib.costs import update_products as shapes
 from optimizer_speed import machine_description  # benchmarks/ is on the path when this script runs
-
-AUTOENCODER = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
-
-
-def shapes(n: int, m: int, sizes=AUTOENCODER) -> list[tuple[str, str, tuple[int, int, int]]]:
-    """(group, product, (rows, inner, columns)) for every product of one update, layer by layer."""
-    rows = []
-    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
-        layer = f"{n_in}→{n_out}"
-        rows += [("SGD passes", f"{layer} forward", (n, n_in, n_out)),
-                 ("SGD passes", f"{layer} input gradient", (n, n_out, n_in)),
-                 ("SGD passes", f"{layer} weight gradient", (n_out, n, n_in)),
-                 ("ACP", f"{layer} weight gradient", (n_out, n, n_in))]
-        r = n if acp_product_order(n, n_in, n_out, weight_grads=False) == "batch" else n_out
-        if inverse_form(m, n_in) == "woodbury":
-            rows += [("ACP", f"{layer} Woodbury: rows·basisᵀ", (r, n_in, m)),
-                     ("ACP", f"{layer} Woodbury: ·solve", (r, m, n_in))]
-        else:
-            rows += [("ACP", f"{layer} dense inverse", (r, n_in, n_in))]
-        left, right = kfac_product_order(n, n_in, n_out, weight_grads=False)
-        a = n_in + 1
-        if left == "batch":
-            rows.append(("K-FAC", f"{layer} g G⁻¹", (n, n_out, n_out)))
-        if right == "batch":
-            rows.append(("K-FAC", f"{layer} [h 1] A⁻¹", (n, a, a)))
-        rows.append(("K-FAC", f"{layer} (·)ᵀ (·) over the minibatch", (n_out, n, a)))
-        if left == "gradient":
-            rows.append(("K-FAC", f"{layer} G⁻¹ (·)", (n_out, n_out, a)))
-        if right == "gradient":
-            rows.append(("K-FAC", f"{layer} (·) A⁻¹", (n_out, a, a)))
-    return rows
-
-
-def amortized_multiply_adds(n: int, m: int, sizes=AUTOENCODER, statistics_period: int = 10, inverse_period: int = 100,
-                            amortization_period: int = 100) -> dict[str, int]:
-    """Multiply-adds of one update, amortized over the refreshes, for SGD, ACP and K-FAC as the library computes
-    them (the goals of issue 11 are ratios of times; this is the ratio they would have if every multiply-add cost
-    the same). Counted: the forward pass and the input gradients of the backward pass (autograd skips the first
-    layer's), SGD's weight gradients, every product of :func:`shapes` for ACP and K-FAC; ACP's refresh every
-    ``amortization_period`` updates (a forward pass on the ``m`` statistics rows, the covariance ``m·n_in²``, then the
-    inverse: the Gram matrix ``m²·n_in`` and its Cholesky inverse ``m³`` in Woodbury form, ``n_in³`` dense); K-FAC's
-    statistics pass every ``statistics_period`` (forward and backward to the pre-activations on ``m`` rows, the
-    factors ``m·((n_in+1)² + n_out²)``) and its inversions every ``inverse_period`` (Cholesky and inverse ≈ ``d³``
-    per factor of size ``d``). Elementwise work (activations, the loss, momentum) is not counted."""
-    layers = list(zip(sizes[:-1], sizes[1:]))
-    weights = sum(i * o for i, o in layers)
-    passes = n * weights + n * sum(i * o for i, o in layers[1:])  # forward + input gradients
-    step = {"ACP": 0, "K-FAC": 0}
-    for group, _, (rows, inner, columns) in shapes(n, m, sizes):
-        if group in step:
-            step[group] += rows * inner * columns
-    acp_refresh = m * weights + sum(m * i * i + (m * m * i + m ** 3 if inverse_form(m, i) == "woodbury" else i ** 3)
-                                    for i, _ in layers)
-    kfac_statistics = m * weights + m * sum(i * o for i, o in layers[1:]) + m * sum((i + 1) ** 2 + o * o for i, o in layers)
-    kfac_inversions = sum((i + 1) ** 3 + o ** 3 for i, o in layers)
-    return {"SGD": passes + n * weights,
-            "ACP": passes + step["ACP"] + acp_refresh // amortization_period,
-            "K-FAC": passes + step["K-FAC"] + kfac_statistics // statistics_period + kfac_inversions // inverse_period}
-
 
 def time_product(rows: int, inner: int, columns: int, inner_repeats: int, repeats: int) -> float:
     """Median seconds of one ``[rows, inner]·[inner, columns]`` product."""

@@ -10,9 +10,10 @@ text with it. Sections whose file is missing are left out.
 from __future__ import annotations
 
 import argparse
-import sys
 import json
 from pathlib import Path
+
+from fso_lib.costs import amortized_update_multiply_adds
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("forward", "backward", "precondition", "statistics", "inversion")
@@ -20,8 +21,7 @@ PHASES = ("forward", "backward", "precondition", "statistics", "inversion")
 GOALS = {"acp": ("ACP", 1.5), "kfac": ("K-FAC", 1.95), "natural_nn_implicit": ("natural NN (implicit form)", 1.5)}
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # gemm_rates, when this file is imported from elsewhere
-from gemm_rates import amortized_multiply_adds  # noqa: E402
+from fso_lib.costs import amortized_update_multiply_adds
 
 
 def _load(path: Path) -> dict | None:
@@ -85,8 +85,8 @@ def goals_section(full: dict | None, alone: dict | None, default_policy: dict | 
         else:
             lines.append(f"- {label}: goal met in {', '.join(r[0] for r in met)}, missed in "
                          + ", ".join(f"{r[0]} (by {_excess(r[1], goal)})" for r in missed) + ".")
-    counts = amortized_multiply_adds(alone["batch"] if alone else 200, 200)
-    lines += ["", "By count of multiply-adds (`gemm_rates.amortized_multiply_adds`: the passes, the step's products, the "
+    counts = amortized_update_multiply_adds(alone["batch"] if alone else 200, 200)
+    lines += ["", "By count of multiply-adds (`fso_lib.costs.amortized_update_multiply_adds`: the passes, the step's products, the "
                   "statistics passes and inversions amortized; elementwise work not counted), one update costs "
                   + ", ".join(f"{GOALS[m][0]} {counts[c] / counts['SGD']:.2f}×" for m, c in (("acp", "ACP"), ("kfac", "K-FAC")))
                   + f" an SGD update ({counts['SGD'] / 1e9:.2f} G multiply-adds). "
