@@ -21,7 +21,6 @@ PHASES = ("forward", "backward", "precondition", "statistics", "inversion")
 GOALS = {"acp": ("ACP", 1.5), "kfac": ("K-FAC", 1.95), "natural_nn_implicit": ("natural NN (implicit form)", 1.5)}
 
 
-
 def _load(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
