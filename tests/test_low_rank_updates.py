@@ -16,6 +16,7 @@ import torch
 from fso_lib.models import deep_autoencoder
 from fso_lib.optim import make_optimizer, needs_statistics, prepare_model
 from fso_lib.optim.low_rank import LowRankDirection, as_dense, finiteness_probe
+from fso_lib.training import training_step
 
 SIZES = (40, 30, 16, 4, 16, 30, 40)   # at minibatch 8 the wide layers take the large-batch orders
 N = 8
@@ -54,12 +55,8 @@ def _train(name, hyper, form_directions, steps=7):
     generator = torch.Generator().manual_seed(1)
     for k in range(steps):
         x, x_stats = torch.rand(N, SIZES[0], generator=generator, **F64), torch.rand(N, SIZES[0], generator=generator, **F64)
-        torch.manual_seed(100 + k)
-        if needs_statistics(opt):
-            opt.update_statistics(x_stats)
-        opt.zero_grad()
-        _squared_error(model(x), x).backward()
-        opt.step()
+        torch.manual_seed(100 + k)  # K-FAC's sampled targets alike in both runs
+        training_step(model, _squared_error, opt, x, x, x_stats if needs_statistics(opt) else None)
     return [p.detach().clone() for p in model.parameters()], sum(counted), opt
 
 
