@@ -114,3 +114,99 @@ def test_seed_stats_median_range_and_refusal():
     assert seed_stats([3.0, 1.0, 2.0, 10.0]) == {"median": 2.5, "min": 1.0, "max": 10.0, "n": 4}
     with pytest.raises(ValueError):
         seed_stats([])
+
+
+# ----------------------------------------------------------------------------- a race folder (final_groups, ...)
+def write_run(path, method, seed, train, every=100, ms=10.0, status="completed", task="autoencoder"):
+    """A results file as the runner writes it: a header, one eval record every ``every`` updates, an end record
+    (none when ``status`` is 'partial': a run still going)."""
+    import json
+
+    records = [{"type": "header", "config": {"method": method, "seed": seed, "task": task},
+                "method_label": method.upper()}]
+    records += [{"type": "eval", "update": k * every, "time_s": k * every * ms / 1e3, "train_loss": loss,
+                 "test_loss": loss} for k, loss in enumerate(train)]
+    if status != "partial":
+        records.append({"type": "end", "status": status})
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+
+
+def make_race_folder(tmp_path):
+    import json
+
+    (tmp_path / "race.json").write_text(json.dumps({"task": "autoencoder", "final_seeds": [1, 2], "rounds": [3, 2]}))
+    write_run(tmp_path / "autoencoder-kfac-seed1.jsonl", "kfac", 1, [50, 8, 4])
+    write_run(tmp_path / "autoencoder-kfac-seed2.jsonl", "kfac", 2, [50, 9, 5], status="diverged")
+    write_run(tmp_path / "autoencoder-adam-seed1.jsonl", "adam", 1, [50, 20])
+    write_run(tmp_path / "autoencoder-adam-seed2.jsonl", "adam", 2, [50, 30], status="partial")   # still running
+    write_run(tmp_path / "autoencoder-soap-seed1.jsonl", "soap", 1, [50, 6])                     # one seed only
+    write_run(tmp_path / "autoencoder-soap-seed0.jsonl", "soap", 0, [50, 1])                     # not a final seed
+    write_run(tmp_path / "autoencoder-ekfac-seed1.jsonl", "ekfac", 1, [50, 1], task="other")     # another task
+    (tmp_path / "tuning1").mkdir()
+    write_run(tmp_path / "tuning1" / "autoencoder-ekfac-abc.jsonl", "ekfac", 1, [50, 2])         # a tuning trial
+    (tmp_path / "tuning1" / "search-autoencoder-kfac.jsonl").write_text(
+        "\n".join(json.dumps(r) for r in [{"type": "trial", "cost": 7.0}, {"type": "trial", "cost": 3.5},
+                                          {"type": "trial", "cost": None}]) + "\n")
+    return tmp_path
+
+
+def test_final_groups_reads_the_top_level_final_seeds_and_finished_methods(tmp_path):
+    from fso_lib.bench.verdict import final_groups
+
+    groups, finished = final_groups(make_race_folder(tmp_path))
+    assert {m: sorted(r.header["config"]["seed"] for r in runs) for m, runs in groups.items()} == \
+        {"adam": [1, 2], "kfac": [1, 2], "soap": [1]}
+    assert list(finished) == ["kfac"]          # a diverged seed counts as done; adam's seed 2 is still running
+
+
+def test_progress_rows_count_trials_best_cost_and_done_seeds(tmp_path):
+    from fso_lib.bench.verdict import final_groups, progress_rows
+
+    folder = make_race_folder(tmp_path)
+    groups, _ = final_groups(folder)
+    rows = progress_rows(folder, ["kfac", "adam", "shampoo"], {"kfac": "K-FAC"}, groups)
+    assert rows[0] == {"method": "K-FAC", "tuning trials": "3 / 5", "best trial's train SE": 3.5,
+                       "final seeds done": "2 / 2"}
+    assert rows[1]["final seeds done"] == "1 / 2" and rows[1]["tuning trials"] == "0 / 5"
+    assert math.isnan(rows[2]["best trial's train SE"]) and rows[2]["final seeds done"] == "0 / 2"
+
+
+def test_target_rows_seconds_then_updates():
+    from fso_lib.bench.verdict import target_rows
+
+    groups = group_by_method([make_run("kfac", [100, 8, 4], ms=20), make_run("kfac", [100, 12, 3], ms=20),
+                              make_run("kfac", [100, 9, 6], ms=20)])
+    (row,) = target_rows(groups, {"kfac": "K-FAC"}, targets=(10, 5))
+    assert list(row) == ["method", "s to SE ≤ 10", "s to SE ≤ 5", "updates to SE ≤ 10", "updates to SE ≤ 5"]
+    assert row["method"] == "K-FAC"
+    assert row["s to SE ≤ 10"] == "20 (20–40)"                 # 1,000 updates at 20 ms; the second seed at 2,000
+    assert row["updates to SE ≤ 5"] == "2000 (2000–never)"     # the third seed never reaches 5
+    assert row["updates to SE ≤ 10"] == "1000 (1000–2000)"
+
+
+def test_ranking_lines_orders_and_names_the_missing():
+    from fso_lib.bench.verdict import ranking_lines
+
+    groups = group_by_method([make_run("a", [9, 5, 2]), make_run("b", [9, 3]), make_run("c", [9, 4, 3])])
+    lines = ranking_lines(groups, {"a": "A", "b": "B"}, [(1000, "updates", "at 1,000 updates"),
+                                                         (2000, "updates", "at 2,000 updates"),
+                                                         (9000, "updates", "at 9,000 updates")])
+    assert lines == ["- **at 1,000 updates**: B 3 < c 4 < A 5",
+                     "- **at 2,000 updates**: A 2 < c 3 (not reached by B)"]
+
+
+def test_compare_pair_overlap_ahead_and_unreached():
+    from fso_lib.bench.verdict import compare_pair, comparison_phrase
+
+    first = [make_run("ekfac", [9, 3.0]), make_run("ekfac", [9, 3.5]), make_run("ekfac", [9, 4.0])]
+    tied = [make_run("kfac", [9, 3.9]), make_run("kfac", [9, 4.5]), make_run("kfac", [9, 5.0])]
+    apart = [make_run("kfac", [9, 4.1]), make_run("kfac", [9, 4.5]), make_run("kfac", [9, 5.0])]
+    comparison = compare_pair(first, tied, 1000, "updates")
+    assert comparison["overlap"] and comparison["ahead"] is None
+    assert comparison_phrase(comparison, "EKFAC", "K-FAC", "at 1,000 updates") == \
+        "at 1,000 updates, EKFAC 3.5 (3–4) against K-FAC 4.5 (3.9–5): a tie within the seeds' range"
+    comparison = compare_pair(apart, first, 1000, "updates")
+    assert not comparison["overlap"] and comparison["ahead"] == "second"
+    assert comparison_phrase(comparison, "K-FAC", "EKFAC", "x").endswith("EKFAC ahead, the ranges apart")
+    assert compare_pair(first, tied, 2000, "updates") is None
+    assert comparison_phrase(None, "A", "B", "after 600 s") == "after 600 s, not reached by both"

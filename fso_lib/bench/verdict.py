@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .report import RESULTS_DIR, THESIS_FINAL_TRAIN, Run, loss_at, time_to_loss
+from .report import RESULTS_DIR, THESIS_FINAL_TRAIN, Run, load_runs, loss_at, time_to_loss, tuning_provenance
 
 #: The digitized left panel of the thesis's figure 6.2 (train squared error against updates).
 THESIS_FIGURE_6_2 = RESULTS_DIR.parent / "reference" / "thesis_figure_6_2.json"
@@ -179,3 +179,100 @@ def explain_disagreement(groups: dict[str, list[Run]], ahead: str, behind: str, 
                              f"{per_update} (at {point:,} updates {label_b} {format_stats(b_update)}, "
                              f"{label_a} {format_stats(a_update)}): not explained by the seeds, the horizon or "
                              "the cost of an update")
+
+
+# ----------------------------------------------------------------------------- a race folder read by two chapters
+def _is_done(run: Run) -> bool:
+    return run.status in ("completed", "diverged")
+
+
+def read_race(race_folder: str | Path) -> dict:
+    """The race's protocol as the race wrote it (``race.json`` in ``race_folder``; thesis §6.6)."""
+    return json.loads((Path(race_folder) / "race.json").read_text())
+
+
+def final_groups(race_folder: str | Path) -> tuple[dict[str, list[Run]], dict[str, list[Run]]]:
+    """The final runs of a race (thesis §6.6), grouped by method: ``(groups, finished)``.
+
+    ``groups``: every results file at the top level of ``race_folder`` (the tuning trials live in subfolders) of the
+    race's task whose seed is one of ``race["final_seeds"]``, running ones included. ``finished``: the methods of
+    ``groups`` with one run per final seed, every one of them completed or diverged (a race is read only there)."""
+    race = read_race(race_folder)
+    runs = [r for r in load_runs(race_folder, task=race["task"], recursive=False)
+            if r.header["config"]["seed"] in race["final_seeds"]]
+    groups = group_by_method(runs)
+    n_seeds = len(race["final_seeds"])
+    finished = {m: group for m, group in groups.items() if len(group) == n_seeds and all(map(_is_done, group))}
+    return groups, finished
+
+
+def progress_rows(race_folder: str | Path, methods, labels: dict[str, str], groups: dict[str, list[Run]]) -> list[dict]:
+    """How far the race has got for each of ``methods`` (thesis §6.6): tuning trials written / the budget, the best
+    trial's train squared error (NaN: none yet), final runs completed or diverged / the final seeds."""
+    race = read_race(race_folder)
+    rows = []
+    for method in methods:
+        provenance = tuning_provenance(race_folder, method, race["task"])
+        rows.append({"method": labels.get(method, method),
+                     "tuning trials": f"{provenance['trials']} / {sum(race['rounds'])}",
+                     "best trial's train SE": provenance["best_cost"],
+                     "final seeds done": f"{sum(map(_is_done, groups.get(method, [])))} / {len(race['final_seeds'])}"})
+    return rows
+
+
+def target_rows(groups: dict[str, list[Run]], labels: dict[str, str], targets=(10, 5, 4), which: str = "train") -> list[dict]:
+    """One row per method (thesis §6.6, figure 6.1's question turned around): the training seconds, then the
+    updates, until the loss first reached each target, as median (min–max) over the seeds, 'never' when not."""
+    rows = []
+    for method, runs in groups.items():
+        row = {"method": labels.get(method, method)}
+        for target in targets:
+            row[f"s to SE ≤ {target:g}"] = format_stats(time_to_target(runs, target, which), inf="never")
+        for target in targets:
+            row[f"updates to SE ≤ {target:g}"] = format_stats(updates_to_target(runs, target, which), digits=6, inf="never")
+        rows.append(row)
+    return rows
+
+
+def reading_orders(groups: dict[str, list[Run]], readings, which: str = "train") -> dict[str, list[tuple]]:
+    """``name → ranking`` (:func:`ranking`) for each reading ``(x, x_axis, name)``, e.g.
+    ``(600, "time", "after 600 s")`` or ``(10_000, "updates", "at 10,000 updates")``."""
+    return {name: ranking(groups, x, axis, which) for x, axis, name in readings}
+
+
+def ranking_lines(groups: dict[str, list[Run]], labels: dict[str, str], readings, which: str = "train") -> list[str]:
+    """The Markdown bullet lines of the race's orderings (thesis §6.6): for each reading ``(x, x_axis, name)`` the
+    methods from the lowest median loss to the highest, with the methods that did not get there named; a reading
+    no method reached gives no line."""
+    lines = []
+    for name, order in reading_orders(groups, readings, which).items():
+        if not order:
+            continue
+        line = " < ".join(f"{labels.get(m, m)} {format_stats({**s, 'min': s['median'], 'max': s['median']})}"
+                          for m, s in order)
+        missing = [labels.get(m, m) for m in groups if m not in dict(order)]
+        lines.append(f"- **{name}**: {line}" + (f" (not reached by {', '.join(missing)})" if missing else ""))
+    return lines
+
+
+def compare_pair(first: list[Run], second: list[Run], x: float, x_axis: str = "time", which: str = "train") -> dict | None:
+    """Two methods' seeds read at ``x`` seconds or updates (thesis §6.6): their :func:`loss_over_seeds`, whether
+    their min–max ranges overlap (then three seeds cannot order them: a tie within the seeds' range) and, when
+    they do not, which one is ahead (``"first"`` or ``"second"``). ``None`` when either did not get there."""
+    a, b = loss_over_seeds(first, x, x_axis, which), loss_over_seeds(second, x, x_axis, which)
+    if a is None or b is None:
+        return None
+    overlap = a["min"] <= b["max"] and b["min"] <= a["max"]
+    ahead = None if overlap else ("first" if a["median"] < b["median"] else "second")
+    return {"first": a, "second": b, "overlap": overlap, "ahead": ahead}
+
+
+def comparison_phrase(comparison: dict | None, first_label: str, second_label: str, where: str) -> str:
+    """One clause for :func:`compare_pair`'s answer: '{where}, A 3.1 (2.9–3.3) against B 3.4 (3.2–3.6): a tie
+    within the seeds' range' (or 'A ahead' / 'B ahead'; 'not reached by both' when ``None``)."""
+    if comparison is None:
+        return f"{where}, not reached by both"
+    verdict = ("a tie within the seeds' range" if comparison["overlap"] else
+               f"{first_label if comparison['ahead'] == 'first' else second_label} ahead, the ranges apart")
+    return (f"{where}, {first_label} {format_stats(comparison['first'])} against {second_label} "
+            f"{format_stats(comparison['second'])}: {verdict}")
