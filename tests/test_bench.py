@@ -356,7 +356,7 @@ def test_kfac_thesis_protocol_and_kfac_search_domain():
     assert isinstance(opt, KFAC) and (opt.statistics_period, opt.inverse_period, opt.running_average) == (100, 100, 0.0)
     assert method.uses_statistics and set(RACE_METHODS) <= set(__import__("fso_lib.bench", fromlist=["METHODS"]).METHODS)
     accepted = set(inspect.signature(KFAC.__init__).parameters)
-    for name in ("kfac", "kfac_thesis"):
+    for name in ("kfac", "kfac_thesis", "ekfac"):  # EKFAC (a KFAC) races against K-FAC with the same options
         names = set(get_method(name).domain.names)
         assert {"lr", "damping", "momentum", "init_scale"} <= names
         for option in ("kl_clip", "damping_adaptation", "step_rule"):  # Martens & Grosse's options, where KFAC has them

@@ -1,5 +1,5 @@
-"""Martens & Grosse's quadratic-model step rule and Levenberg–Marquardt damping offered to ACP and the implicit
-natural neural network (fso_lib.optim.quadratic_model.QuadraticModelSteps; issue 12), checked in float64 against
+"""Martens & Grosse's quadratic-model step rule and Levenberg–Marquardt damping offered to ACP, the implicit
+natural neural network and EKFAC (fso_lib.optim.quadratic_model.QuadraticModelSteps; issues 12, 14), checked in float64 against
 the dense Fisher (fso_lib.curvature) on a 4-5-3 network. K-FAC's own checks are in test_kfac_adaptive.py."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from fso_lib.curvature import fisher, flat_gradient, parameter_layout
 from fso_lib.losses import SquaredError
 from fso_lib.models import mlp
-from fso_lib.optim import ACP, KFAC, NaturalNeuralNetwork
+from fso_lib.optim import ACP, EKFAC, KFAC, NaturalNeuralNetwork
 from fso_lib.training import training_step
 from reference_checks import assert_quadratic_model_step
 
@@ -37,7 +37,12 @@ def _kfac(model, **options):
                           **options})
 
 
-BUILDERS = {"acp": _acp, "acp_fixed_alpha": _acp_fixed, "natural_nn_implicit": _natural, "kfac": _kfac}
+def _ekfac(model, **options):
+    return EKFAC(model, **{**dict(lr=1.0, damping=0.05, momentum=0.0, statistics_period=1000, eigenbasis_period=1000,
+                                  scale_period=1000), **options})
+
+
+BUILDERS = {"acp": _acp, "acp_fixed_alpha": _acp_fixed, "natural_nn_implicit": _natural, "kfac": _kfac, "ekfac": _ekfac}
 
 
 def _problem(n=24, seed=3):
@@ -88,7 +93,7 @@ def test_the_quadratic_model_step_is_the_minimizer_along_the_methods_own_directi
         previous = delta
 
 
-@pytest.mark.parametrize("name", ["acp", "natural_nn_implicit"])
+@pytest.mark.parametrize("name", ["acp", "natural_nn_implicit", "ekfac"])
 @pytest.mark.parametrize("step_rule", ["fixed", "quadratic_model"])
 def test_rho_is_the_reduction_ratio_of_the_dense_model_and_moves_the_damping(name, step_rule):
     model, x, y = _problem()
@@ -111,7 +116,7 @@ def test_rho_is_the_reduction_ratio_of_the_dense_model_and_moves_the_damping(nam
         assert opt.damping == pytest.approx(expected, rel=1e-12)
 
 
-@pytest.mark.parametrize("name", ["acp", "natural_nn_implicit"])
+@pytest.mark.parametrize("name", ["acp", "natural_nn_implicit", "ekfac"])
 def test_state_dict_round_trip_resumes_the_quadratic_model_rule_exactly(name):
     model, x, y = _problem()
     options = dict(step_rule="quadratic_model", damping_adaptation=True, damping_adaptation_period=2)

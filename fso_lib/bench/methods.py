@@ -222,13 +222,16 @@ AFTER_THESIS_METHODS = {"ekfac": "EKFAC", "shampoo": "Shampoo", "soap": "SOAP"}
 def after_thesis_domains() -> dict[str, list]:
     """The search domains of EKFAC, Shampoo and SOAP, without ``init_scale`` (added to all).
 
-    EKFAC: K-FAC's knobs (η, ε, μ, ``kl_clip`` off or log-uniform); its ε is added to the second moments in the
-    eigenbasis, not split as √ε over two factors (the probe that set the default preferred ε = 1). Shampoo: η, ε, μ; grafting is not
+    EKFAC: K-FAC's knobs (η, ε, μ, ``kl_clip`` off or log-uniform, and Martens & Grosse's Levenberg–Marquardt damping
+    and quadratic-model step, as K-FAC's domain has them: the race compares the two, so both get the same options);
+    its ε is added to the second moments in the eigenbasis, not split as √ε over two factors (the probe that set the
+    default preferred ε = 1). Shampoo: η, ε, μ; grafting is not
     searched (it changes the step's scale, hence the η range: one η range cannot serve all three) and stays at
     the registry's default, Adam grafting, so η gets Adam's range. SOAP: η and Adam's ε, as for Adam (β₁, β₂ at Adam's defaults)."""
     return {
         "ekfac": [Param("lr", 1e-3, 1.0, log=True), Param("damping", 1e-4, 10.0, log=True), MOMENTUM,
-                  Param("kl_clip", 1e-4, 1.0, log=True, none_fraction=0.5)],
+                  Param("kl_clip", 1e-4, 1.0, log=True, none_fraction=0.5),
+                  Choice("damping_adaptation", [False, True]), Choice("step_rule", ["fixed", "quadratic_model"])],
         "shampoo": [Param("lr", 1e-5, 1e-1, log=True), Param("damping", 1e-8, 1e-2, log=True), MOMENTUM],
         "soap": [Param("lr", 1e-5, 1e-1, log=True), Param("eps", 1e-10, 1e-3, log=True)],
     }

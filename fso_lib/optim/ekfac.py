@@ -74,9 +74,9 @@ class EKFAC(KFAC):
     ``Σ (U_Gᵀ∇U_A)² / (S + ε)``), ``loss`` (the sampled losses of :data:`~fso_lib.optim.kfac.SAMPLED_LOSSES`),
     ``weight_grads``, ``check_every`` and ``check_finite`` are K-FAC's. The projection ``U_Gᵀ gᵀ [h 1] U_A`` is
     associated like K-FAC's ``G⁻¹ gᵀ [h 1] A⁻¹`` (:func:`~fso_lib.optim.kfac.kfac_product_order`); the
-    inverse projection is formed on the (n_out × n_in+1) matrix. Options of K-FAC not named here
-    (``step_rule``, ``damping_adaptation``, ...) are passed to it unchanged and are not checked separately
-    for EKFAC.
+    inverse projection is formed on the (n_out × n_in+1) matrix. Martens & Grosse's options of K-FAC
+    (``step_rule="quadratic_model"``, ``damping_adaptation``, ...) are passed to it unchanged; the quadratic-model
+    step, ρ and the damping it moves are checked for EKFAC too (``tests/test_quadratic_model_steps.py``).
 
     Cost per refresh: two ``eigh`` per layer (``(n_in+1)³ + n_out³``), against K-FAC's two Cholesky inverses;
     per scale estimate, two projections and one GEMM on the statistics minibatch; per update, K-FAC's cost plus
