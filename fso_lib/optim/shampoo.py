@@ -20,6 +20,7 @@ from torch import nn
 
 from .base import LayerwiseOptimizer
 from .ekfac import symmetric_eigenbasis
+from .low_rank import LowRankDirection
 
 __all__ = ["Shampoo", "SOAP", "GRAFTINGS", "matrix_inverse_root"]
 
@@ -56,9 +57,31 @@ class _KroneckerStatistics(LayerwiseOptimizer):
             return torch.cat([weight.grad, bias.grad[:, None]], dim=1)
         return torch.cat([g.T @ h, g.sum(0)[:, None]], dim=1)
 
-    def _new_factors(self, state: dict, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``L ← β L + (1 − β) Γ Γᵀ``, ``R ← β R + (1 − β) Γᵀ Γ`` (sums when ``factor_decay`` is None); not stored."""
-        left, right = grad @ grad.T, grad.T @ grad
+    def _minibatch_rows(self, h: torch.Tensor, g: torch.Tensor):
+        """``(g, [h 1])`` when the layer is wider than the minibatch on both sides (``n < n_out`` and ``n < n_in + 1``)
+        and autograd's gradient was not formed: then ``Γ = gᵀ [h 1]`` has rank ≤ n, and its products are cheaper
+        through the n rows (:meth:`_gradient_products`) than through ``Γ``; else ``None``."""
+        n, n_in = h.shape
+        if self.weight_grads or not (n < g.shape[1] and n < n_in + 1):
+            return None
+        return g, torch.cat([h, h.new_ones(n, 1)], dim=1)
+
+    @staticmethod
+    def _gradient_products(rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """``Γ Γᵀ = gᵀ (ã ãᵀ) g`` and ``Γᵀ Γ = ãᵀ (g gᵀ) ã`` from the rows ``(g, ã)`` of ``Γ = gᵀ ã``, through the two
+        n × n Gram matrices: ``n²(n_in+1) + n²·n_out`` plus ``n·n_out²`` or ``n·(n_in+1)²`` multiply-adds, against
+        ``n_out²(n_in+1)`` and ``n_out(n_in+1)²`` from ``Γ`` (and ``n·n_out·(n_in+1)`` to form it)."""
+        g, augmented = rows
+        return g.T @ ((augmented @ augmented.T) @ g), augmented.T @ ((g @ g.T) @ augmented)
+
+    def _new_factors(self, state: dict, grad: torch.Tensor | None, rows=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``L ← β L + (1 − β) Γ Γᵀ``, ``R ← β R + (1 − β) Γ ᵀ Γ`` (sums when ``factor_decay`` is None); not stored.
+        ``rows``: :meth:`_minibatch_rows`, used instead of ``grad`` when given."""
+        left, right = self._gradient_products(rows) if rows is not None else (grad @ grad.T, grad.T @ grad)
+        return self._accumulate(state, left, right)
+
+    def _accumulate(self, state: dict, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The running factors with this minibatch's ``Γ Γᵀ`` and ``Γᵀ Γ`` folded in (not stored)."""
         if "L" not in state:
             return left, right
         beta = self.factor_decay
@@ -70,13 +93,14 @@ class _KroneckerStatistics(LayerwiseOptimizer):
         return self.n_updates % period == 0 or "L" not in self.state[self.layers[0].weight]
 
     def _refresh_inputs(self):
-        """``(k, group, state, Γ, L_new, R_new)`` of every layer, for a refresh in :meth:`_before_updates` (eager: the
+        """``(k, group, state, L_new, R_new)`` of every layer, for a refresh in :meth:`_before_updates` (eager: the
         eigendecompositions and their host reads stay out of the compiled steady-state step)."""
         for k, group in enumerate(self.param_groups):
             h, g = self._captured(k)
             state = self.state[group["params"][0]]
-            grad = self._gradient(group, h, g)
-            yield (k, group, state, grad, *self._new_factors(state, grad))
+            rows = self._minibatch_rows(h, g)
+            grad = None if rows is not None else self._gradient(group, h, g)
+            yield (k, group, state, *self._new_factors(state, grad, rows))
 
     def _apply(self, group, pair, skip):
         # commit this layer's new state (a skipped step keeps the old one), then the usual p ← p − lr · direction
@@ -139,7 +163,7 @@ class Shampoo(_KroneckerStatistics):
     def _before_updates(self):
         if not self._refresh_due(self.root_period):
             return
-        for k, group, state, _, left, right in self._refresh_inputs():
+        for k, group, state, left, right in self._refresh_inputs():
             eps = group["damping"]
             state["L_root"] = matrix_inverse_root(left, eps, 4, f"left factor of layer {k}")
             state["R_root"] = matrix_inverse_root(right, eps, 4, f"right factor of layer {k}")
@@ -148,6 +172,9 @@ class Shampoo(_KroneckerStatistics):
         weight = group["params"][0]
         state = self.state[weight]
         n_in = h.shape[1]
+        rows = self._minibatch_rows(h, g)
+        if rows is not None:
+            return self._layer_update_from_rows(group, state, rows, n_in)
         grad = self._gradient(group, h, g)
         left, right = self._new_factors(state, grad)
         pending = {"L": left, "R": right}
@@ -155,17 +182,46 @@ class Shampoo(_KroneckerStatistics):
         if self.grafting == "sgd":
             direction = direction * (torch.linalg.matrix_norm(grad) / torch.linalg.matrix_norm(direction).clamp_min(1e-30))
         elif self.grafting == "adam":
-            beta2 = self.graft_beta2
-            steps = state.get("graft_steps", torch.zeros((), dtype=grad.dtype, device=grad.device)) + 1
-            second = grad.square() * (1 - beta2)
-            if "graft_second_moment" in state:
-                second = second + state["graft_second_moment"] * beta2
-            corrected = second / (1 - beta2 ** steps)
-            grafted = grad / (corrected.sqrt() + self.graft_eps)
-            direction = direction * (torch.linalg.matrix_norm(grafted) / torch.linalg.matrix_norm(direction).clamp_min(1e-30))
-            pending["graft_second_moment"], pending["graft_steps"] = second, steps
+            target_norm, pending["graft_second_moment"], pending["graft_steps"] = self._adam_graft_norm(state, grad)
+            direction = direction * (target_norm / torch.linalg.matrix_norm(direction).clamp_min(1e-30))
         self._pending[group["layer"]] = pending
         return direction[:, :n_in], direction[:, n_in]
+
+    def _adam_graft_norm(self, state, grad):
+        """Adam grafting: ``‖Γ / (√v̂ + graft_eps)‖_F`` with ``v`` the bias-corrected average of ``Γ²``; returns it with
+        the new ``v`` and step count (committed with the step)."""
+        beta2 = self.graft_beta2
+        steps = state.get("graft_steps", torch.zeros((), dtype=grad.dtype, device=grad.device)) + 1
+        second = grad.square() * (1 - beta2)
+        if "graft_second_moment" in state:
+            second = second + state["graft_second_moment"] * beta2
+        corrected = second / (1 - beta2 ** steps)
+        return torch.linalg.matrix_norm(grad / (corrected.sqrt() + self.graft_eps)), second, steps
+
+    def _layer_update_from_rows(self, group, state, rows, n_in):
+        """The same update for a layer wider than the minibatch: ``Δ = (g L_root)ᵀ (ã R_root)`` in the large-batch order
+        (``n·n_out² + n·(n_in+1)²``, the last product left to the optimizer: a
+        :class:`~fso_lib.optim.low_rank.LowRankDirection`), factors through the Gram matrices, and the grafting norms
+        from n × n products: ``‖gᵀã‖²_F = Σ (g gᵀ) ∘ (ã ãᵀ)``. Adam grafting needs ``Γ²`` entry by entry: ``Γ`` is formed
+        then (one product), the direction still is not."""
+        g, augmented = rows
+        left_gram, right_gram = g @ g.T, augmented @ augmented.T
+        left, right = g.T @ (right_gram @ g), augmented.T @ (left_gram @ augmented)
+        left, right = self._accumulate(state, left, right)
+        pending = {"L": left, "R": right}
+        left_rows, right_rows = g @ state["L_root"], augmented @ state["R_root"]   # Δ = left_rowsᵀ right_rows
+        scale = None
+        if self.grafting != "none":
+            direction_norm = ((left_rows @ left_rows.T) * (right_rows @ right_rows.T)).sum().clamp_min(0.0).sqrt()
+            if self.grafting == "sgd":
+                target_norm = (left_gram * right_gram).sum().clamp_min(0.0).sqrt()
+            else:
+                grad = g.T @ augmented
+                target_norm, pending["graft_second_moment"], pending["graft_steps"] = self._adam_graft_norm(state, grad)
+            scale = target_norm / direction_norm.clamp_min(1e-30)
+            right_rows = right_rows * scale
+        self._pending[group["layer"]] = pending
+        return LowRankDirection(left_rows, right_rows[:, :n_in]), left_rows.T @ right_rows[:, n_in]
 
 
 
@@ -221,7 +277,7 @@ class SOAP(_KroneckerStatistics):
     def _before_updates(self):
         if not self._refresh_due(self.eigenbasis_period):
             return
-        for k, group, state, grad, left, right in self._refresh_inputs():
+        for k, group, state, left, right in self._refresh_inputs():
             _, new_left = symmetric_eigenbasis(left, f"left factor of layer {k}")
             _, new_right = symmetric_eigenbasis(right, f"right factor of layer {k}")
             if "exp_avg" in state:  # the moments, expressed in the new coordinates (a change of basis, no new data)
@@ -229,9 +285,10 @@ class SOAP(_KroneckerStatistics):
                 state["exp_avg"] = turn_left @ state["exp_avg"] @ turn_right.T
                 state["exp_avg_sq"] = turn_left.square() @ state["exp_avg_sq"] @ turn_right.square().T
             else:
-                state["exp_avg"] = grad.new_zeros(grad.shape)
-                state["exp_avg_sq"] = grad.new_zeros(grad.shape)
-                state["step"] = grad.new_zeros(())
+                shape = (left.shape[0], right.shape[0])  # Γ's: n_out × n_in+1
+                state["exp_avg"] = left.new_zeros(shape)
+                state["exp_avg_sq"] = left.new_zeros(shape)
+                state["step"] = left.new_zeros(())
             state["Q_L"], state["Q_R"] = new_left, new_right
 
     def _layer_update(self, k, group, h, g):
@@ -239,11 +296,16 @@ class SOAP(_KroneckerStatistics):
         state = self.state[weight]
         n_in = h.shape[1]
         beta1, beta2 = group["betas"]
-        grad = self._gradient(group, h, g)
-        left, right = self._new_factors(state, grad)
-        pending = {"L": left, "R": right}
         q_left, q_right = state["Q_L"], state["Q_R"]
-        rotated = q_left.T @ grad @ q_right
+        rows = self._minibatch_rows(h, g)
+        if rows is None:
+            grad = self._gradient(group, h, g)
+            left, right = self._new_factors(state, grad)
+            rotated = q_left.T @ grad @ q_right
+        else:  # Γ never formed: its products through the n rows, its rotation as (g Q_L)ᵀ (ã Q_R)
+            left, right = self._new_factors(state, None, rows)
+            rotated = (rows[0] @ q_left).T @ (rows[1] @ q_right)
+        pending = {"L": left, "R": right}
         steps = state["step"] + 1
         first = state["exp_avg"] * beta1 + rotated * (1 - beta1)
         second = state["exp_avg_sq"] * beta2 + rotated.square() * (1 - beta2)
