@@ -20,7 +20,7 @@ METHOD_COLORS = {
     "kfac_thesis": "#aec7e8",
     "acp_quadratic_model": "#a50f15",
     "natural_nn_quadratic_model": "#00441b",
-    "ekfac": "#08519c",
+    "ekfac": "#e6ab02",   # not a blue: it is drawn beside K-FAC
     "shampoo": "#756bb1",
     "soap": "#bc80bd",
     "newton": "#9467bd",
