@@ -212,4 +212,4 @@ def test_parameter_norms_follow_the_losses():
     run = race_run("acp", "squared_error", 0.5, 0.1, 4, width=4, n_examples=16)
     assert len(run.parameter_norms) == len(run.losses)
     model, *_ = make_tiny_problem("squared_error", width=4, n_examples=16)
-    assert abs(run.parameter_norms[0] - float(torch.cat([p.reshape(-1) for p in model.parameters()]).norm())) < 1e-12
+    assert abs(run.parameter_norms[0] - float(torch.cat([p.detach().reshape(-1) for p in model.parameters()]).norm())) < 1e-12
