@@ -344,10 +344,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                     # buf ← direction + factor · buf in one pass (factor = 1 and direction = 0 on a skipped step)
                     factor = torch.where(skip, self._scalar(1.0, buf), self._scalar(momentum, buf))
                     torch.addcmul(direction, buf, factor, out=buf)
-                if skip is None:
-                    p.add_(buf, alpha=-lr)
-                else:
-                    p.addcmul_(buf, torch.where(skip, self._scalar(0.0, p), self._scalar(-lr, p)))
+                self._step_along(p, buf, lr, skip)
             else:
                 p.add_(direction, alpha=-lr)
 
@@ -368,6 +365,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             buf.addmm_(left_t, right, beta=momentum)
         else:
             buf.mul_(torch.where(skip, self._scalar(1.0, buf), self._scalar(momentum, buf))).addmm_(left_t, right)
+        self._step_along(p, buf, lr, skip)
+
+    def _step_along(self, p, buf, lr: float, skip) -> None:
+        """``p ← p − lr · buf`` (the heavy-ball buffer), or nothing when the 0-dim bool ``skip`` is True (no host read)."""
         if skip is None:
             p.add_(buf, alpha=-lr)
         else:

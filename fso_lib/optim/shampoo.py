@@ -67,12 +67,19 @@ class _KroneckerStatistics(LayerwiseOptimizer):
         return g, torch.cat([h, h.new_ones(n, 1)], dim=1)
 
     @staticmethod
-    def _gradient_products(rows) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gram_matrices(rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(g gᵀ, ã ãᵀ)``: the n × n Gram matrices of the rows ``(g, ã)`` of ``Γ = gᵀ ã``."""
+        g, augmented = rows
+        return g @ g.T, augmented @ augmented.T
+
+    @classmethod
+    def _gradient_products(cls, rows, grams=None) -> tuple[torch.Tensor, torch.Tensor]:
         """``Γ Γᵀ = gᵀ (ã ãᵀ) g`` and ``Γᵀ Γ = ãᵀ (g gᵀ) ã`` from the rows ``(g, ã)`` of ``Γ = gᵀ ã``, through the two
         n × n Gram matrices: ``n²(n_in+1) + n²·n_out`` plus ``n·n_out²`` or ``n·(n_in+1)²`` multiply-adds, against
         ``n_out²(n_in+1)`` and ``n_out(n_in+1)²`` from ``Γ`` (and ``n·n_out·(n_in+1)`` to form it)."""
         g, augmented = rows
-        return g.T @ ((augmented @ augmented.T) @ g), augmented.T @ ((g @ g.T) @ augmented)
+        left_gram, right_gram = cls._gram_matrices(rows) if grams is None else grams
+        return g.T @ (right_gram @ g), augmented.T @ (left_gram @ augmented)
 
     def _new_factors(self, state: dict, grad: torch.Tensor | None, rows=None) -> tuple[torch.Tensor, torch.Tensor]:
         """``L ← β L + (1 − β) Γ Γᵀ``, ``R ← β R + (1 − β) Γ ᵀ Γ`` (sums when ``factor_decay`` is None); not stored.
@@ -205,9 +212,8 @@ class Shampoo(_KroneckerStatistics):
         from n × n products: ``‖gᵀã‖²_F = Σ (g gᵀ) ∘ (ã ãᵀ)``. Adam grafting needs ``Γ²`` entry by entry: ``Γ`` is formed
         then (one product), the direction still is not."""
         g, augmented = rows
-        left_gram, right_gram = g @ g.T, augmented @ augmented.T
-        left, right = g.T @ (right_gram @ g), augmented.T @ (left_gram @ augmented)
-        left, right = self._accumulate(state, left, right)
+        left_gram, right_gram = grams = self._gram_matrices(rows)   # the grafting norms need them too
+        left, right = self._accumulate(state, *self._gradient_products(rows, grams))
         pending = {"L": left, "R": right}
         left_rows, right_rows = g @ state["L_root"], augmented @ state["R_root"]   # Δ = left_rowsᵀ right_rows
         scale = None
