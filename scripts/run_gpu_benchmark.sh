@@ -12,26 +12,30 @@
 #   UPDATES      updates per method [300000]
 #   CAP_SECONDS  wall-clock cap for the whole command, evaluations included [3000]
 #   PARALLEL     runs at once on the GPU [number of methods]; 1 gives uncontended timings
-#   METHODS      space-separated method names [all ten]
-#   TUNED        tuned-hyperparameters JSON {autoencoder: {method: {...}}} [data/results/tuned_gpu.json, else data/results/tuned_cpu.json, if present]
-#   DEVICE       [cuda]   TASK [autoencoder]   SEED [0]   EVAL_EVERY [1000]   PYTHON [python]
+#   METHODS      space-separated method names [the eleven methods of the CPU race's first group]
+#   TUNED        tuned-hyperparameters JSON {autoencoder: {method: {...}}} [data/results/tuned_gpu.json, else the CPU
+#                race's data/results/race_cpu/tuned.json, else data/results/tuned_cpu.json, if present]
+#   DEVICE       [cuda]   TASK [autoencoder]   EVAL_EVERY [1000]   PYTHON [python]
+#   SEED         [1]: the seed of the CPU race's first final run, so that the GPU's curve per update can be laid
+#                over the CPU's (same initialization, same minibatches)
 #   EXTRA        extra arguments for every run, e.g. "--sample --train-eval-size 500" for a dry run
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the output folder}"
 UPDATES=${UPDATES:-300000}
 CAP_SECONDS=${CAP_SECONDS:-3000}
-METHODS=${METHODS:-"sgd sgd_momentum adam centered_gd mean_only_batchnorm batchnorm acp acp_fixed_alpha kfac natural_nn"}
+METHODS=${METHODS:-"sgd sgd_momentum adam centered_gd mean_only_batchnorm batchnorm acp acp_fixed_alpha kfac kfac_thesis natural_nn_implicit"}
 read -r -a METHOD_LIST <<< "$METHODS"
 PARALLEL=${PARALLEL:-${#METHOD_LIST[@]}}
 DEVICE=${DEVICE:-cuda}
 TASK=${TASK:-autoencoder}
-SEED=${SEED:-0}
+SEED=${SEED:-1}
 EVAL_EVERY=${EVAL_EVERY:-1000}
 PYTHON=${PYTHON:-python}
 EXTRA=${EXTRA:-}
 if [ -z "${TUNED:-}" ] && [ -f data/results/tuned_gpu.json ]; then TUNED=data/results/tuned_gpu.json; fi
-# otherwise the hyperparameters tuned on the CPU (biased random search, see data/results/cpu/README.md)
+# otherwise the hyperparameters the CPU race tuned (biased random search, see data/results/README.md)
+if [ -z "${TUNED:-}" ] && [ -f data/results/race_cpu/tuned.json ]; then TUNED=data/results/race_cpu/tuned.json; fi
 if [ -z "${TUNED:-}" ] && [ -f data/results/tuned_cpu.json ]; then TUNED=data/results/tuned_cpu.json; fi
 mkdir -p "$OUT/logs"
 DEADLINE=$(( $(date +%s) + CAP_SECONDS ))
