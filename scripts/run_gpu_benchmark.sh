@@ -44,7 +44,7 @@ DEADLINE=$(( $(date +%s) + CAP_SECONDS ))
   echo "started $(date -Iseconds) on $(hostname); cap ${CAP_SECONDS}s; ${PARALLEL} at once; tuned: ${TUNED:-none}"
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())"
-} > "$OUT/benchmark_info.txt" 2>&1
+} >> "$OUT/benchmark_info.txt" 2>&1   # appended: a resumed call keeps the first call's lines
 cat "$OUT/benchmark_info.txt"
 
 run_one() {
@@ -59,7 +59,7 @@ run_one() {
   timeout --kill-after=30 "$remaining" "$PYTHON" -m fso_lib.bench --task "$TASK" --method "$method" \
     --updates "$UPDATES" --batch-size 200 --eval-every "$EVAL_EVERY" --device "$DEVICE" --seed "$SEED" \
     --out "$OUT" --resume --note "run_gpu_benchmark.sh: up to $PARALLEL runs shared the device" "${hp[@]}" $EXTRA \
-    > "$OUT/logs/$method.log" 2>&1
+    >> "$OUT/logs/$method.log" 2>&1
   local rc=$?
   echo "$(date -Iseconds) $method exited with $rc$([ $rc -eq 124 ] && echo ' (cap reached: partial results)')" | tee -a "$OUT/benchmark_info.txt"
 }
