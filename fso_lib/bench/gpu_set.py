@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+import numpy as np
 
 from .report import RESULTS_DIR, Run, load_runs, loss_at
 
@@ -109,3 +112,33 @@ def same_seed_rows(gpu_runs: list[Run], cpu_runs: list[Run], points, labels: dic
                 rows.append({"method": labels.get(run.method, run.method), "updates": point, "GPU": g, "CPU": c,
                              "relative gap": abs(g - c) / c})
     return rows
+
+
+def on_alone_clock(gpu: GpuSet) -> list[Run]:
+    """The protocol's runs with their time axis rebuilt as updates × the method's time per update alone on the GPU
+    (:meth:`GpuSet.alone_ms`): what each curve's clock would have read had the method had the GPU to itself. An
+    estimate: it assumes the smoke pass's time per update holds for the whole run."""
+    return [replace(run, times=run.updates * gpu.alone_ms(run.method) / 1e3,
+                    ms_per_update=gpu.alone_ms(run.method)) for run in gpu.runs]
+
+
+def best_loss(run: Run, which: str = "test") -> dict:
+    """The lowest ``which`` loss of a run, where it was reached (updates, seconds), and ``near_end``: whether that
+    was in the last tenth of the run's updates, where a run cut by a cap may not have reached its best yet."""
+    losses = run.test if which == "test" else run.train
+    finite = np.where(np.isfinite(losses), losses, np.inf)
+    index = int(np.argmin(finite))
+    return {"loss": float(finite[index]), "updates": int(run.updates[index]), "seconds": float(run.times[index]),
+            "near_end": bool(run.updates[index] >= 0.9 * run.updates[-1])}
+
+
+def host_reads(gpu: GpuSet) -> dict[str, int]:
+    """Host reads seen in each method's steady-state step on the GPU (``device_check.txt``, written by
+    ``python -m fso_lib.bench.device_check``); empty when the check did not run."""
+    path = gpu.folder / "device_check.txt"
+    reads = {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        match = re.match(r"(\S+)\s+cuda\S*\s+compile=\S+\s+\d+ updates: (\d+) host reads", line)
+        if match:
+            reads[match.group(1)] = int(match.group(2))
+    return reads
