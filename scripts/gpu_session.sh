@@ -31,7 +31,7 @@ pack() {
   tar czf "$OUT/gpu_results.tgz.part" --warning=no-file-changed -C "$WORK" --exclude=checkpoints . 2>/dev/null
   [ $? -le 1 ] && mv -f "$OUT/gpu_results.tgz.part" "$OUT/gpu_results.tgz"
 }
-( while sleep 30; do pack; done ) &
+( while sleep 30; do pack; done ) >/dev/null 2>&1 &   # its sleep must not hold the output pipe open at exit
 PACKER=$!
 trap 'kill $PACKER 2>/dev/null; pack' EXIT
 

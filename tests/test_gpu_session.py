@@ -220,9 +220,6 @@ def test_same_seed_rows_pair_only_twins(fake_set):
     assert abs(gpu_sgd.train[1] - seed2.train[1]) / seed2.train[1] > 1e-3
 
 
-@pytest.mark.xfail(strict=True, reason="same_seed_rows compares hyperparameters and init_scale but not the "
-                                       "initialization scheme (header 'init'): runs that start from different "
-                                       "weights are paired (fso_lib/bench/gpu_set.py, same_seed_rows)")
 def test_same_seed_rows_skip_a_twin_with_another_init(fake_set):
     gpu_runs = load_runs(fake_set / "full", task=TASK)
     cpu_runs = load_runs(fake_set / "cpu", task=TASK)

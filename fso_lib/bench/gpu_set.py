@@ -98,13 +98,14 @@ def per_update_rows(runs: list[Run], figure: dict[str, dict[int, float]], thesis
 def same_seed_rows(gpu_runs: list[Run], cpu_runs: list[Run], points, labels: dict[str, str]) -> list[dict]:
     """The GPU run beside the CPU run of the same method, seed and hyperparameters, per update: the same
     initialization and minibatches, so the curves differ only by floating-point rounding (and what it grows
-    into). Pairs whose settings differ are skipped."""
+    into). Pairs whose settings differ (hyperparameters, initialization, data, minibatch) are skipped."""
     cpu = {(r.method, r.header["config"]["seed"]): r for r in cpu_runs}
     rows = []
     for run in gpu_runs:
         twin = cpu.get((run.method, run.header["config"]["seed"]))
-        if twin is None or twin.header["hyperparameters"] != run.header["hyperparameters"] \
-                or twin.header["init_scale"] != run.header["init_scale"]:
+        if twin is None or any(twin.header[key] != run.header[key]
+                               for key in ("hyperparameters", "init", "init_scale", "n_train")) \
+                or twin.header["config"]["batch_size"] != run.header["config"]["batch_size"]:
             continue
         for point in points:
             if point <= min(run.updates[-1], twin.updates[-1]):
@@ -134,11 +135,11 @@ def best_loss(run: Run, which: str = "test") -> dict:
 
 def host_reads(gpu: GpuSet) -> dict[str, int]:
     """Host reads seen in each method's steady-state step on the GPU (``device_check.txt``, written by
-    ``python -m fso_lib.bench.device_check``); empty when the check did not run."""
+    ``python -m fso_lib.bench.device_check``; summed over its lines, eager and compiled); empty when it did not run."""
     path = gpu.folder / "device_check.txt"
     reads = {}
     for line in path.read_text().splitlines() if path.exists() else []:
         match = re.match(r"(\S+)\s+cuda\S*\s+compile=\S+\s+\d+ updates: (\d+) host reads", line)
         if match:
-            reads[match.group(1)] = int(match.group(2))
+            reads[match.group(1)] = reads.get(match.group(1), 0) + int(match.group(2))  # eager and compiled lines
     return reads
