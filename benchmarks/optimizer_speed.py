@@ -23,7 +23,11 @@ The FLOP count of the preconditioning (benchmark facts) puts ACP at ≈1.4× and
 step at minibatch 200. Performance is printed (and written with ``--out``), never asserted.
 
     python benchmarks/optimizer_speed.py [--threads 2] [--batch 200] [--window 100] [--rounds 3]
-        [--only sgd,acp,kfac] [--out data/results/speed/optimizer_speed.json] [--before COMMIT]
+        [--only sgd,acp,kfac] [--out data/results/speed/optimizer_speed.json] [--before COMMIT] [--device cuda]
+
+On a GPU (``--device cuda``) every phase boundary waits for the device (``torch.cuda.synchronize``), so that each
+phase's time is the device's and not the launch's: the breakdown is right, and the totals lose what overlapping
+the host's launches with the device's work would save (a step of the training loop never synchronizes).
 """
 from __future__ import annotations
 
@@ -122,15 +126,19 @@ def _optim_at_commit(commit: str):
     return importlib.import_module("fso_before.optim")
 
 
-def machine_description() -> dict:
+def machine_description(device: torch.device) -> dict:
     model = platform.processor()
     try:
         with open("/proc/cpuinfo") as handle:
             model = next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": model, "logical_cpus": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__}
+    description = {"cpu": model, "logical_cpus": os.cpu_count(), "platform": platform.platform(),
+                   "python": platform.python_version(), "torch": torch.__version__}
+    if device.type == "cuda":
+        description.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
+                           allow_tf32=torch.backends.cuda.matmul.allow_tf32)
+    return description
 
 
 def main(argv=None):
@@ -144,7 +152,17 @@ def main(argv=None):
     parser.add_argument("--out", type=str, default=None, help="write the results as JSON to this path")
     parser.add_argument("--before", type=str, default=None, metavar="COMMIT",
                         help="also time every optimizer of --only as implemented at this git commit")
+    parser.add_argument("--device", type=str, default="cpu", help="cpu or cuda (see the docstring on timing a GPU)")
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu.")
+
+    def now() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # as every benchmark run does (fso_lib.bench.RunConfig.flush_denormal)
@@ -152,7 +170,7 @@ def main(argv=None):
     if "sgd" not in names:
         names.insert(0, "sgd")
     torch.manual_seed(0)
-    data = torch.rand(4 * args.batch, 784)  # the cost does not depend on the pixel values
+    data = torch.rand(4 * args.batch, 784).to(device)  # the cost does not depend on the pixel values
     load_before = os.getloadavg()
 
     libraries = {"": (prepare_model, make_optimizer)}
@@ -169,7 +187,7 @@ def main(argv=None):
                            "quadratic_model_examples", "running_average")
             if prefix and (name == "sgd" or registry_name == "natural_nn_implicit" or any(o in hyper for o in new_options)):
                 continue  # torch's SGD did not change; weight_grads and check_every did not exist before
-            model = prepare(registry_name, deep_autoencoder(seed=0))
+            model = prepare(registry_name, deep_autoencoder(seed=0)).to(device)
             opt = make(registry_name, model, **hyper)
             if compiled:
                 opt.compile_step()  # compiled at its first steps, inside the warm-up (untimed)
@@ -179,21 +197,21 @@ def main(argv=None):
         k = run["k"]
         x = data[(k % 4) * args.batch:(k % 4 + 1) * args.batch]
         opt, model = run["opt"], run["model"]
-        t0 = time.perf_counter()
+        t0 = now()
         if needs_statistics(opt):
             opt.update_statistics(data[((k + 2) % 4) * args.batch:((k + 2) % 4 + 1) * args.batch])
-        t1 = time.perf_counter()
+        t1 = now()
         opt.zero_grad()
         loss = squared_error(model(x), x)
-        t2 = time.perf_counter()
+        t2 = now()
         loss.backward()
-        t3 = time.perf_counter()
+        t3 = now()
         refresh = _refreshes(opt)
         if getattr(opt, "wants_minibatch_loss", False):  # K-FAC's damping adaptation measures the loss after its step
             opt.step(minibatch_loss=lambda: squared_error(model(x), x), loss=loss.detach())
         else:
             opt.step()
-        t4 = time.perf_counter()
+        t4 = now()
         run["k"] = k + 1
         if record:
             run["times"].append(dict(statistics=t1 - t0, forward=t2 - t1, backward=t3 - t2, step=t4 - t3,
@@ -250,7 +268,7 @@ def main(argv=None):
         payload = {
             "benchmark": "benchmarks/optimizer_speed.py",
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": machine_description(),
+            "machine": machine_description(device), "device": str(device),
             "threads": torch.get_num_threads(),
             "batch": args.batch, "window": args.window, "rounds": args.rounds, "warmup": args.warmup,
             "code": CODE_REVISION, "before_commit": args.before, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "flush_denormal": True,

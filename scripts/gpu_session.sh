@@ -3,6 +3,8 @@
 #   1. the machine: GPU, driver, torch, float32/TF32 settings;
 #   2. a smoke pass: every raced method, 500 updates, one after the other in one process (uncontended ms/update);
 #      if most methods fail there, stop at once (the lease's time is better spent on a fix and a second call);
+#      then (SPEED=1, the default on a GPU) one update of the chapter-6 methods phase by phase
+#      (benchmarks/optimizer_speed.py --device cuda: forward, backward, preconditioning, statistics, inversion);
 #   3. the host-read check of the steady-state step (fso_lib.bench.device_check, sync debug mode "error");
 #   4. the thesis's protocol (scripts/run_gpu_benchmark.sh): every method at once on the one GPU, 3×10^5 updates
 #      each, the tuned hyperparameters of the CPU race, all under one wall-clock cap (FULL_CAP seconds).
@@ -23,6 +25,8 @@ SMOKE_UPDATES=${SMOKE_UPDATES:-500}
 SMOKE_CAP=${SMOKE_CAP:-90}
 CHECK_CAP=${CHECK_CAP:-45}
 FULL_CAP=${FULL_CAP:-330}
+SPEED=${SPEED:-$([ "$DEVICE" = cpu ] && echo 0 || echo 1)}
+SPEED_CAP=${SPEED_CAP:-60}
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$WORK" "$OUT"
 exec > >(tee -a "$WORK/console.log") 2>&1
@@ -62,6 +66,12 @@ failed = [r["method"] for r in rows if r["status"] == "error"]
 print(f"smoke: {len(rows) - len(failed)} of {len(rows)} methods ran" + (f"; failed: {failed}" if failed else ""))
 sys.exit(1 if len(failed) * 2 > len(rows) or not rows else 0)
 EOF
+
+if [ "$SPEED" = 1 ]; then
+  echo "== 2b. one update, phase by phase, each optimizer alone $(date -Iseconds)"
+  timeout -k 5 "$SPEED_CAP" "$PYTHON" benchmarks/optimizer_speed.py --device "$DEVICE" --threads 1 --rounds 2 \
+    --window 100 --only acp,kfac,kfac_quadratic_model,kfac_thesis_protocol,natural_nn_implicit --out "$WORK/speed_gpu.json"
+fi
 
 echo "== 3. host reads in the steady-state step $(date -Iseconds)"
 # shellcheck disable=SC2086
