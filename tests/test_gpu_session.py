@@ -17,7 +17,7 @@ import torch
 
 from fso_lib.bench import RunConfig, read_records, run
 from fso_lib.bench.gpu_set import (PROTOCOL_UPDATES, THESIS_SECONDS, GpuSet, best_loss, host_reads, load_gpu_set,
-                                   on_alone_clock, per_update_rows, protocol_rows, same_seed_rows, shared_ms)
+                                   on_alone_clock, per_update_rows, protocol_rows, same_seed_rows)
 from fso_lib.bench.report import RESULTS_DIR, load_runs
 from fso_lib.bench.smoke import float32_settings, main as smoke_main, read_tuned, smoke
 import fso_lib.bench.smoke as smoke_module
@@ -181,7 +181,7 @@ def test_protocol_rows_arithmetic(fake_set, protocol_updates):
         assert row["share of the protocol"] == pytest.approx(40 / protocol_updates)
         assert row["training s"] == pytest.approx(last["time_s"]) and last["time_s"] > 0
         assert row["ms/update, all at once"] == pytest.approx(last["time_s"] / 40 * 1e3)
-        assert shared_ms(run_) == pytest.approx(row["ms/update, all at once"])
+        assert run_.ms_per_update == pytest.approx(row["ms/update, all at once"])
         assert row["ms/update, alone"] == pytest.approx(ALONE[method], nan_ok=True)
         assert row["protocol alone, s (projected)"] == pytest.approx(ALONE[method] * protocol_updates / 1e3,
                                                                      nan_ok=True)

@@ -60,11 +60,6 @@ def load_gpu_set(folder: str | Path = RESULTS_DIR / "gpu", task: str = "autoenco
     return GpuSet(folder, runs, smoke)
 
 
-def shared_ms(run: Run) -> float:
-    """Milliseconds per update over the whole run, under the sharing the run had (its header's note)."""
-    return float(run.times[-1] / run.updates[-1] * 1e3) if len(run.updates) and run.updates[-1] > 0 else math.nan
-
-
 def protocol_rows(gpu: GpuSet, labels: dict[str, str], protocol_updates: int = PROTOCOL_UPDATES) -> list[dict]:
     """Per method: how far it got under the common cap, its time per update shared and alone, and the time the
     whole protocol would take it alone on this GPU (updates × its time alone), beside the thesis's."""
@@ -74,7 +69,7 @@ def protocol_rows(gpu: GpuSet, labels: dict[str, str], protocol_updates: int = P
         alone = gpu.alone_ms(method)
         rows.append({"method": labels.get(method, method), "updates reached": reached,
                      "share of the protocol": reached / protocol_updates, "training s": float(run.times[-1]),
-                     "ms/update, all at once": shared_ms(run), "ms/update, alone": alone,
+                     "ms/update, all at once": run.ms_per_update, "ms/update, alone": alone,
                      "protocol alone, s (projected)": alone * protocol_updates / 1e3,
                      "thesis, s (Titan Black)": THESIS_SECONDS.get(method, math.nan)})
     return rows
